@@ -1,0 +1,161 @@
+"""Cost profile of a multi-exit network: FLOPs, parameters and activation sizes per stage.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products and
+convolutions (2 FLOPs per multiply–add) and ignores element-wise ops, pooling and activations.
+All numbers are **per sample**: the example batch's totals divided by its batch size.
+
+The cumulative cost of exit ``i`` is ``C_i = Σ_{k ≤ b_i} C(f_k) + Σ_{j ≤ i} C(c_j)``: every block
+up to the exit plus every head evaluated on the way (DESIGN.md, "Cost").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from offramp.network import MultiExitNetwork, check_input
+
+__all__ = ["CostProfile", "count_flops", "expected_cost", "profile"]
+
+
+def count_flops(module: nn.Module, x: Tensor) -> int:
+    """Total FLOPs of ``module(x)`` for the whole batch ``x`` (no gradient, module as is).
+
+    Example:
+        >>> import torch
+        >>> count_flops(torch.nn.Linear(4, 3, bias=False), torch.randn(1, 4))
+        24
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as mode:
+        module(x)
+    return int(mode.get_total_flops())
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Per-sample costs of every block and head of a ``MultiExitNetwork``.
+
+    Attributes:
+        exit_blocks: block index of each exit.
+        block_flops: FLOPs of each block ``f_k`` per sample.
+        head_flops: FLOPs of each head ``c_i`` per sample.
+        block_params: parameters of each block.
+        head_params: parameters of each head.
+        activation_bytes: bytes of each block's output ``h_k`` per sample.
+        input_bytes: bytes of one input sample.
+    """
+
+    exit_blocks: tuple[int, ...]
+    block_flops: tuple[float, ...]
+    head_flops: tuple[float, ...]
+    block_params: tuple[int, ...]
+    head_params: tuple[int, ...]
+    activation_bytes: tuple[int, ...]
+    input_bytes: int
+
+    @property
+    def cumulative(self) -> np.ndarray:
+        """``C_i`` for every exit, ``(E,)`` float64: blocks to the exit plus heads on the way."""
+        blocks = np.cumsum(np.asarray(self.block_flops, dtype=np.float64))
+        heads = np.cumsum(np.asarray(self.head_flops, dtype=np.float64))
+        return blocks[list(self.exit_blocks)] + heads
+
+    @property
+    def backbone_flops(self) -> float:
+        """FLOPs of the plain backbone: every block and the final head, no intermediate heads."""
+        return float(sum(self.block_flops) + self.head_flops[-1])
+
+    @property
+    def relative_cumulative(self) -> np.ndarray:
+        """``C_i`` divided by the plain backbone's FLOPs."""
+        return self.cumulative / self.backbone_flops
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["cumulative"] = self.cumulative.tolist()
+        d["backbone_flops"] = self.backbone_flops
+        return d
+
+    def table(self) -> str:
+        """A small text table: one row per exit with its stage and cumulative FLOPs."""
+        rows = ["exit  block  stage FLOPs  head FLOPs  C_i        C_i/backbone"]
+        start = 0
+        for i, b in enumerate(self.exit_blocks):
+            stage = sum(self.block_flops[start : b + 1])
+            start = b + 1
+            rows.append(
+                f"{i:>4}  {b:>5}  {stage:>11.0f}  {self.head_flops[i]:>10.0f}  "
+                f"{self.cumulative[i]:<9.0f}  {self.relative_cumulative[i]:.3f}"
+            )
+        return "\n".join(rows)
+
+
+def profile(net: MultiExitNetwork, example_input: Tensor) -> CostProfile:
+    """Measure the per-sample cost of every block and head of ``net`` on ``example_input``.
+
+    Args:
+        net: the network.
+        example_input: a batch ``(B, *input_shape)``; costs are divided by ``B``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from offramp import MultiExitNetwork
+        >>> net = MultiExitNetwork([nn.Linear(4, 4, bias=False)], {0: nn.Linear(4, 2, bias=False)})
+        >>> profile(net, torch.randn(1, 4)).cumulative.tolist()
+        [48.0]
+    """
+    check_input(example_input, net.input_shape)
+    b = example_input.shape[0]
+    was_training = net.training
+    net.eval()
+    block_flops, block_params, act_bytes = [], [], []
+    head_flops: dict[int, float] = {}
+    h = example_input
+    with torch.no_grad():
+        for k, block in enumerate(net.blocks):
+            block_flops.append(count_flops(block, h) / b)
+            h = block(h)
+            block_params.append(_params(block))
+            act_bytes.append(int(h[0].numel() * h.element_size()))
+            if k in net.exit_blocks:
+                i = net.exit_blocks.index(k)
+                head_flops[i] = count_flops(net.heads[i], h) / b
+    net.train(was_training)
+    return CostProfile(
+        exit_blocks=net.exit_blocks,
+        block_flops=tuple(block_flops),
+        head_flops=tuple(head_flops[i] for i in range(net.num_exits)),
+        block_params=tuple(block_params),
+        head_params=tuple(_params(hd) for hd in net.heads),
+        activation_bytes=tuple(act_bytes),
+        input_bytes=int(example_input[0].numel() * example_input.element_size()),
+    )
+
+
+def expected_cost(exits: np.ndarray | Tensor, cumulative: np.ndarray) -> float:
+    """Eq. 12: the mean of ``C_{exit(n)}`` over samples, ``(1/N) Σ_n Σ_i 1[n exits at i]·C_i``.
+
+    Args:
+        exits: exit index of each sample, ``(N,)``.
+        cumulative: ``C_i`` for every exit, ``(E,)``.
+
+    Example:
+        >>> import numpy as np
+        >>> expected_cost(np.array([0, 0, 1, 2]), np.array([10.0, 30.0, 100.0]))
+        37.5
+    """
+    e = np.asarray(exits.cpu() if isinstance(exits, Tensor) else exits, dtype=np.int64)
+    c = np.asarray(cumulative, dtype=np.float64)
+    if e.size == 0:
+        return 0.0
+    counts = np.bincount(e, minlength=len(c))
+    return float(counts @ c / e.size)

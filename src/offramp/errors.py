@@ -1,0 +1,41 @@
+"""The one error family of offramp.
+
+Every message says what was wrong (with the offending shape, name or value) and how to fix it.
+Subclasses also derive from the matching built-in exception so that generic ``except
+ValueError`` handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ConversionError",
+    "DataError",
+    "OfframpError",
+    "ShapeError",
+]
+
+
+class OfframpError(Exception):
+    """Base class of every error raised by offramp."""
+
+
+class ShapeError(OfframpError, ValueError):
+    """A tensor has the wrong shape, dtype or contains non-finite values."""
+
+
+class ConfigError(OfframpError, ValueError):
+    """A parameter or combination of parameters is invalid."""
+
+
+class ConversionError(OfframpError, ValueError):
+    """A model could not be turned into a multi-exit network (bad layer name, tracing failed)."""
+
+
+class DataError(OfframpError, ValueError):
+    """A data file is missing, corrupt or of the wrong format."""
+
+
+class CheckpointError(OfframpError, RuntimeError):
+    """A checkpoint could not be written or does not match the run being resumed."""

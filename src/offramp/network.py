@@ -1,0 +1,228 @@
+"""The stage model: a backbone cut into blocks, with exit heads after some of them.
+
+Exit ``i`` (0-based here; the survey counts from 1) sits after block ``exit_blocks[i]``; the last
+block always carries the final exit. Everything else in offramp (training, the cached
+``ExitRecord``, the runtime, tiers) is a view of this ordered list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from offramp.errors import ConfigError, ShapeError
+
+__all__ = ["ExitOutputs", "MultiExitNetwork", "Stage", "check_input"]
+
+
+@dataclass(frozen=True)
+class ExitOutputs(Sequence[Tensor]):
+    """Logits of every exit for one batch, in exit order.
+
+    Behaves like a tuple of ``(B, C)`` tensors; ``final`` is the last exit and ``stack()`` gives
+    one ``(E, B, C)`` tensor.
+    """
+
+    logits: tuple[Tensor, ...]
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.logits[i]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.logits)
+
+    @property
+    def final(self) -> Tensor:
+        """Logits of the last exit, ``(B, C)``: the plain backbone's output."""
+        return self.logits[-1]
+
+    def stack(self) -> Tensor:
+        """All exits as one tensor, ``(E, B, C)``."""
+        return torch.stack(self.logits)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One unit of the runtime: the blocks since the previous exit, then this exit's head.
+
+    Attributes:
+        index: exit index ``i`` (0-based).
+        body: the blocks ``f_{b_{i-1}+1} … f_{b_i}`` as one ``nn.Sequential``.
+        head: the exit head ``c_i``.
+    """
+
+    index: int
+    body: nn.Module
+    head: nn.Module
+
+
+def check_input(x: Tensor, input_shape: tuple[int, ...] | None, *, finite: bool = True) -> None:
+    """Raise ``ShapeError`` when ``x`` is not a batch of ``input_shape`` or holds NaN/inf.
+
+    Args:
+        x: a batch, ``(B, *input_shape)``.
+        input_shape: the per-sample shape the network expects, or ``None`` to skip the check.
+        finite: also reject NaN and infinite values (one host sync per batch).
+    """
+    if not isinstance(x, Tensor):
+        raise ShapeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+        want = "(B, " + ", ".join(str(s) for s in input_shape) + ")"
+        hint = ""
+        if tuple(x.shape) == tuple(input_shape):
+            hint = "; it looks like a single sample: add a batch dimension with x.unsqueeze(0)"
+        elif x.dim() == len(input_shape):
+            hint = "; the batch dimension may be missing (x.unsqueeze(0) or x.unsqueeze(1))"
+        raise ShapeError(f"expected input of shape {want}, got {tuple(x.shape)}{hint}")
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ShapeError(
+            f"input of shape {tuple(x.shape)} contains {bad} NaN or infinite values; "
+            "clean or impute the data before running the network"
+        )
+
+
+class MultiExitNetwork(nn.Module):
+    """An ordered list of blocks with exit heads after chosen blocks.
+
+    Args:
+        blocks: the backbone's blocks ``f_1 … f_L`` in order.
+        heads: either a mapping ``{block index: head}`` (negative indices allowed) or a sequence
+            aligned with ``blocks`` holding a head or ``None``. The last block must have one.
+        input_shape: per-sample input shape, e.g. ``(1, 28, 28)``; when given, ``forward`` and
+            the runtime reject inputs of another shape with a clear ``ShapeError``.
+        num_classes: number of classes each head predicts (informational).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from offramp import MultiExitNetwork
+        >>> net = MultiExitNetwork(
+        ...     [nn.Linear(4, 8), nn.Linear(8, 8)],
+        ...     {0: nn.Linear(8, 3), 1: nn.Linear(8, 3)},
+        ... )
+        >>> outs = net(torch.randn(2, 4))
+        >>> len(outs), tuple(outs.final.shape)
+        (2, (2, 3))
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        heads: Mapping[int, nn.Module] | Sequence[nn.Module | None],
+        *,
+        input_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        blocks = list(blocks)
+        if not blocks:
+            raise ConfigError("a MultiExitNetwork needs at least one block; got an empty list")
+        n = len(blocks)
+        if isinstance(heads, Mapping):
+            head_map: dict[int, nn.Module] = {}
+            for k, head in heads.items():
+                if not -n <= int(k) < n:
+                    raise ConfigError(
+                        f"head at block index {k} is out of range for {n} blocks "
+                        f"(valid: 0 … {n - 1}, or negative from the end)"
+                    )
+                head_map[int(k) % n] = head
+        else:
+            if len(heads) != n:
+                raise ConfigError(
+                    f"heads given as a sequence must align with the blocks: got {len(heads)} "
+                    f"heads for {n} blocks (use None where a block has no exit)"
+                )
+            head_map = {k: h for k, h in enumerate(heads) if h is not None}
+        if n - 1 not in head_map:
+            raise ConfigError(
+                f"the last block (index {n - 1}) must carry the final exit head; "
+                f"heads were given at {sorted(head_map)}"
+            )
+        self.blocks = nn.ModuleList(blocks)
+        self.exit_blocks: tuple[int, ...] = tuple(sorted(head_map))
+        self.heads = nn.ModuleList([head_map[k] for k in self.exit_blocks])
+        self.input_shape: tuple[int, ...] | None = (
+            tuple(int(s) for s in input_shape) if input_shape is not None else None
+        )
+        self.num_classes = num_classes
+
+    @property
+    def num_exits(self) -> int:
+        """Number of exits ``E`` (the final one included)."""
+        return len(self.exit_blocks)
+
+    def _exit(self, i: int) -> int:
+        e = self.num_exits
+        if not -e <= i < e:
+            raise ConfigError(f"exit index {i} is out of range for {e} exits (valid: 0 … {e - 1})")
+        return i % e
+
+    def forward(self, x: Tensor) -> ExitOutputs:
+        """Run every block and every head.
+
+        Args:
+            x: a batch ``(B, *input_shape)``.
+
+        Returns:
+            ``ExitOutputs`` with one ``(B, C)`` logits tensor per exit.
+        """
+        check_input(x, self.input_shape, finite=False)
+        outs: list[Tensor] = []
+        h = x
+        e = 0
+        for k, block in enumerate(self.blocks):
+            h = block(h)
+            if e < len(self.exit_blocks) and self.exit_blocks[e] == k:
+                outs.append(self.heads[e](h))
+                e += 1
+        return ExitOutputs(tuple(outs))
+
+    def stages(self) -> list[Stage]:
+        """The network as runtime stages: one per exit, blocks since the previous exit + head."""
+        out: list[Stage] = []
+        start = 0
+        for i, b in enumerate(self.exit_blocks):
+            body = nn.Sequential(*self.blocks[start : b + 1])
+            out.append(Stage(index=i, body=body, head=self.heads[i]))
+            start = b + 1
+        return out
+
+    def truncate(self, i: int) -> MultiExitNetwork:
+        """The network up to and including exit ``i`` (modules are shared, not copied).
+
+        Its final exit is this network's exit ``i``, so ``net.truncate(i)(x).final`` equals
+        ``net(x)[i]``.
+        """
+        i = self._exit(i)
+        b = self.exit_blocks[i]
+        heads = {self.exit_blocks[j]: self.heads[j] for j in range(i + 1)}
+        return MultiExitNetwork(
+            list(self.blocks[: b + 1]),
+            heads,
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+        )
+
+    def exit_path(self, i: int = -1) -> nn.Sequential:
+        """A plain single-output model computing exit ``i`` only: ``f_1 … f_{b_i}`` then ``c_i``.
+
+        ``exit_path(-1)`` is the plain backbone, with no intermediate heads on the way.
+        """
+        i = self._exit(i)
+        b = self.exit_blocks[i]
+        return nn.Sequential(*self.blocks[: b + 1], self.heads[i])
+
+    def backbone(self) -> nn.Sequential:
+        """The plain backbone (the final exit's path), sharing modules with this network."""
+        return self.exit_path(-1)
+
+    def extra_repr(self) -> str:
+        return f"exit_blocks={self.exit_blocks}, input_shape={self.input_shape}"
