@@ -1,0 +1,201 @@
+"""Compute once, decide many: the cached per-exit record of a dataset and what derives from it.
+
+One pass of :meth:`ExitRecord.collect` keeps every exit's logits ``(E, N, C)``; accuracy per exit,
+the oracle exit, exit histograms, expected cost (eq. 12) and every policy's decisions are then
+array work on that record, with no further forward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from offramp._progress import progress
+from offramp.costs import expected_cost
+from offramp.errors import DataError, ShapeError
+from offramp.network import MultiExitNetwork, check_input
+from offramp.policies import ThresholdPolicy, get_criterion
+
+__all__ = ["Decisions", "ExitRecord", "exit_histogram", "iterate_batches", "simulate"]
+
+
+def iterate_batches(
+    data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]], batch_size: int
+) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
+    """Batches of ``(x, y)`` from a pair of tensors or any iterable of pairs, and their count."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ShapeError(
+                f"inputs and labels differ in length: x has {x.shape[0]} rows, y has {y.shape[0]}"
+            )
+        n = x.shape[0]
+        starts = range(0, n, batch_size)
+        return ((x[s : s + batch_size], y[s : s + batch_size]) for s in starts), len(starts)
+    return data, (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Per-sample outcome of a policy: where each sample left and what it predicted.
+
+    Attributes:
+        exits: exit index per sample, ``(N,)`` int64.
+        predictions: predicted class per sample, ``(N,)`` int64.
+    """
+
+    exits: np.ndarray
+    predictions: np.ndarray
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    """Logits of every exit on a dataset, with the labels.
+
+    Attributes:
+        logits: ``(E, N, C)`` float32 on the CPU.
+        labels: ``(N,)`` int64.
+
+    Example:
+        >>> import torch
+        >>> rec = ExitRecord(torch.tensor([[[2.0, 0.0]], [[0.0, 2.0]]]), torch.tensor([1]))
+        >>> rec.exit_accuracy().tolist(), rec.oracle_exits().tolist()
+        ([0.0, 1.0], [1])
+    """
+
+    logits: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.logits.dim() != 3:
+            raise ShapeError(f"ExitRecord.logits must be (E, N, C), got {tuple(self.logits.shape)}")
+        if self.labels.shape != (self.logits.shape[1],):
+            raise ShapeError(
+                f"ExitRecord.labels must be (N,) = ({self.logits.shape[1]},), "
+                f"got {tuple(self.labels.shape)}"
+            )
+
+    @classmethod
+    @torch.no_grad()
+    def collect(
+        cls,
+        net: MultiExitNetwork,
+        data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+        *,
+        batch_size: int = 256,
+        show_progress: bool = False,
+    ) -> ExitRecord:
+        """Run every exit of ``net`` once over ``data`` (eval mode, no gradients).
+
+        Args:
+            net: the network.
+            data: ``(X, y)`` tensors or an iterable of ``(x, y)`` batches (e.g. a DataLoader).
+            batch_size: batch size when ``data`` is a pair of tensors.
+            show_progress: show a progress bar.
+        """
+        was_training = net.training
+        net.eval()
+        batches, total = iterate_batches(data, batch_size)
+        logits: list[Tensor] = []
+        labels: list[Tensor] = []
+        for x, y in progress(batches, total=total, desc="record", enabled=show_progress):
+            check_input(x, net.input_shape)
+            logits.append(net(x).stack().float().cpu())  # (E, B, C)
+            labels.append(y.long().cpu())
+        net.train(was_training)
+        if not logits:
+            raise DataError("cannot collect an ExitRecord from an empty dataset")
+        return cls(torch.cat(logits, dim=1), torch.cat(labels))
+
+    @property
+    def num_exits(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        return self.logits.shape[1]
+
+    def subset(self, index: Tensor | np.ndarray | slice) -> ExitRecord:
+        """The record restricted to some samples."""
+        idx = torch.as_tensor(index) if not isinstance(index, slice) else index
+        return ExitRecord(self.logits[:, idx], self.labels[idx])
+
+    def predictions(self) -> Tensor:
+        """Predicted class of every sample at every exit, ``(E, N)``."""
+        return self.logits.argmax(dim=-1)
+
+    def correct(self) -> Tensor:
+        """Whether each exit is right on each sample, ``(E, N)`` bool."""
+        return self.predictions() == self.labels[None, :]
+
+    def exit_accuracy(self) -> np.ndarray:
+        """Accuracy of every exit on all samples, ``(E,)``."""
+        return self.correct().double().mean(dim=1).numpy()
+
+    def scores(self, criterion: str) -> Tensor:
+        """Confidence scores of every exit, ``(E, N)``, under a criterion name."""
+        return get_criterion(criterion).score(self.logits)
+
+    def oracle_exits(self) -> np.ndarray:
+        """Earliest exit that is correct for each sample; exit 0 when none is (wrong anyway,
+        so the oracle spends the least there). ``(N,)`` int64."""
+        corr = self.correct()
+        any_ok = corr.any(dim=0)
+        first = corr.to(torch.int8).argmax(dim=0)
+        return torch.where(any_ok, first, torch.zeros_like(first)).numpy().astype(np.int64)
+
+    def decisions(self, exits: np.ndarray | Tensor) -> Decisions:
+        """Predictions of the chosen exit of each sample."""
+        e = torch.as_tensor(np.asarray(exits), dtype=torch.long)
+        preds = self.predictions().gather(0, e[None, :])[0]
+        return Decisions(exits=e.numpy(), predictions=preds.numpy())
+
+    def accuracy(self, exits: np.ndarray | Tensor) -> float:
+        """Accuracy when each sample answers at the given exit."""
+        d = self.decisions(exits)
+        return float((d.predictions == self.labels.numpy()).mean())
+
+    def summary(self, exits: np.ndarray | Tensor, cumulative: np.ndarray) -> dict[str, object]:
+        """Accuracy, expected cost (eq. 12), exit shares and per-exit accuracy of leavers."""
+        e = np.asarray(exits, dtype=np.int64)
+        d = self.decisions(e)
+        ok = d.predictions == self.labels.numpy()
+        per_exit = [
+            float(ok[e == i].mean()) if (e == i).any() else None for i in range(self.num_exits)
+        ]
+        return {
+            "accuracy": float(ok.mean()),
+            "expected_cost": expected_cost(e, cumulative),
+            "exit_fractions": exit_histogram(e, self.num_exits).tolist(),
+            "accuracy_of_leavers": per_exit,
+        }
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"logits": self.logits, "labels": self.labels}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExitRecord:
+        d = torch.load(Path(path), weights_only=True)
+        return cls(d["logits"], d["labels"])
+
+
+def simulate(record: ExitRecord, policy: ThresholdPolicy) -> Decisions:
+    """Where each sample of ``record`` would leave under ``policy``, and what it would predict.
+
+    This is the reference the runtime must reproduce exactly.
+    """
+    exits = policy.decide(policy.scores(record.logits))
+    return record.decisions(exits)
+
+
+def exit_histogram(exits: np.ndarray | Tensor, num_exits: int) -> np.ndarray:
+    """Share of samples leaving at each exit, ``(E,)``, summing to 1."""
+    e = np.asarray(exits, dtype=np.int64)
+    if e.size == 0:
+        return np.zeros(num_exits)
+    return np.bincount(e, minlength=num_exits) / e.size
