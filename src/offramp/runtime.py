@@ -1,0 +1,211 @@
+"""Real early-exit inference.
+
+The batched path runs a batch stage by stage; after each exit the samples that leave are
+written to the output (in input order) and dropped from the batch (compaction), so later stages
+only compute for the samples still running. The only host synchronisation is one ``nonzero`` per
+stage — none per sample. The batch-1 path stops at the first exit that fires.
+
+Each stage is one module computing ``(h_i, logits_i, leave_i)`` — body, head and the exit test
+fused — and can be traced and frozen with TorchScript (``mode="script"``) to cut per-op
+overhead. Use :meth:`EarlyExitRuntime.plain_backbone` to time the plain backbone in the same
+execution mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from offramp.costs import CostProfile
+from offramp.errors import ConfigError
+from offramp.network import MultiExitNetwork, check_input
+from offramp.policies import ThresholdPolicy, get_criterion
+
+__all__ = ["MODES", "EarlyExitRuntime", "RuntimeResult"]
+
+MODES = ("eager", "script")
+
+
+@dataclass(frozen=True)
+class RuntimeResult:
+    """Outputs of the runtime, in input order.
+
+    Attributes:
+        predictions: predicted class per sample, ``(N,)``.
+        exits: exit each sample left at, ``(N,)``.
+        logits: logits of that exit, ``(N, C)``.
+        costs: FLOPs spent on each sample, ``C_{exit}``, ``(N,)``, when a cost profile was given.
+    """
+
+    predictions: Tensor
+    exits: Tensor
+    logits: Tensor
+    costs: Tensor | None = None
+
+
+class _Step(nn.Module):
+    """body → head → exit test, as one module: ``h -> (h_next, logits, leave)``."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, criterion: str, threshold: float):
+        super().__init__()
+        self.body, self.head = body, head
+        self.entropy = criterion == "entropy"
+        self.score = get_criterion(criterion).score
+        self.register_buffer("threshold", torch.tensor(threshold), persistent=False)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.body(h)
+        logits = self.head(h)
+        s = self.score(logits)
+        leave = s < self.threshold if self.entropy else s > self.threshold
+        return h, logits, leave
+
+
+class _Final(nn.Module):
+    def __init__(self, body: nn.Module, head: nn.Module):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.head(self.body(h))
+
+
+def _script(module: nn.Module, example: Tensor) -> nn.Module:
+    """Trace and freeze ``module`` for inference (folds constants, fuses conv/bn/relu)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module.eval(), example, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+class EarlyExitRuntime:
+    """Run a ``MultiExitNetwork`` with a threshold policy, really skipping computation.
+
+    Args:
+        net: the network (used in eval mode; its parameters are not copied in eager mode).
+        policy: one threshold per early exit.
+        costs: optional cost profile, to report each sample's FLOPs.
+        mode: ``"eager"`` (plain PyTorch) or ``"script"`` (each stage traced and frozen with
+            TorchScript; needs ``example_input``).
+        example_input: an example batch for ``mode="script"``.
+        validate: check shape and finiteness of every input batch (one sync per batch).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from offramp import MultiExitNetwork, ThresholdPolicy
+        >>> net = MultiExitNetwork([nn.Linear(4, 8), nn.Linear(8, 8)],
+        ...                        {0: nn.Linear(8, 3), 1: nn.Linear(8, 3)}, input_shape=(4,))
+        >>> rt = EarlyExitRuntime(net, ThresholdPolicy("entropy", (0.5,)))
+        >>> tuple(rt(torch.randn(5, 4)).exits.shape)
+        (5,)
+    """
+
+    def __init__(
+        self,
+        net: MultiExitNetwork,
+        policy: ThresholdPolicy,
+        *,
+        costs: CostProfile | None = None,
+        mode: str = "eager",
+        example_input: Tensor | None = None,
+        validate: bool = True,
+    ) -> None:
+        policy.check(net.num_exits)
+        if mode not in MODES:
+            raise ConfigError(f"unknown runtime mode {mode!r}; choose one of {MODES}")
+        if mode == "script" and example_input is None:
+            raise ConfigError("mode='script' traces each stage: pass example_input=x[:2]")
+        self.net = net.eval()
+        self.policy = policy
+        self.mode = mode
+        self.validate = validate
+        self.cumulative = (
+            torch.as_tensor(costs.cumulative, dtype=torch.float64) if costs is not None else None
+        )
+        stages = net.stages()
+        steps: list[nn.Module] = [
+            _Step(s.body, s.head, policy.criterion, policy.thresholds[s.index]) for s in stages[:-1]
+        ]
+        final: nn.Module = _Final(stages[-1].body, stages[-1].head)
+        if mode == "script":
+            assert example_input is not None
+            h = example_input
+            scripted = []
+            with torch.no_grad():
+                for st in steps:
+                    scripted.append(_script(st, h))
+                    h = st(h)[0]
+                final = _script(final, h)
+            steps = scripted
+        self._steps = steps
+        self._final = final
+        self._backbone: nn.Module | None = None
+        self._example = example_input
+
+    def plain_backbone(self) -> nn.Module:
+        """The plain backbone (no intermediate heads) in the same execution mode as the stages."""
+        if self._backbone is None:
+            bb = self.net.backbone().eval()
+            if self.mode == "script":
+                assert self._example is not None
+                with torch.no_grad():
+                    bb = _script(bb, self._example)
+            self._backbone = bb
+        return self._backbone
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> RuntimeResult:
+        """Batched early exit with compaction; results in input order."""
+        if self.validate:
+            check_input(x, self.net.input_shape)
+        n = x.shape[0]
+        exits = torch.full((n,), len(self._steps), dtype=torch.long)
+        idx = torch.arange(n)
+        out: Tensor | None = None
+        h = x
+        for i, step in enumerate(self._steps):
+            h, logits, leave = step(h)
+            if out is None:
+                out = logits.new_empty((n, logits.shape[1]))
+            gone = leave.nonzero().squeeze(1)  # the one host sync of this stage
+            if gone.numel():
+                out[idx[gone]] = logits[gone]
+                exits[idx[gone]] = i
+                stay = (~leave).nonzero().squeeze(1)
+                h, idx = h[stay], idx[stay]
+            if idx.numel() == 0:
+                break
+        else:
+            logits = self._final(h)
+            if out is None:
+                out = logits.new_empty((n, logits.shape[1]))
+            out[idx] = logits
+        assert out is not None
+        costs = self.cumulative[exits] if self.cumulative is not None else None
+        return RuntimeResult(out.argmax(dim=1), exits, out, costs)
+
+    @torch.no_grad()
+    def run_one(self, x: Tensor) -> tuple[int, int, Tensor]:
+        """Batch-size-1 path: stop at the first exit that fires.
+
+        Args:
+            x: one sample as a batch, ``(1, *input_shape)``.
+
+        Returns:
+            ``(prediction, exit index, logits (C,))``.
+        """
+        if self.validate:
+            check_input(x, self.net.input_shape)
+            if x.shape[0] != 1:
+                raise ConfigError(f"run_one takes a batch of one sample, got {x.shape[0]}")
+        h = x
+        for i, step in enumerate(self._steps):
+            h, logits, leave = step(h)
+            if bool(leave[0]):
+                return int(logits[0].argmax()), i, logits[0]
+        logits = self._final(h)
+        return int(logits[0].argmax()), len(self._steps), logits[0]
