@@ -1,0 +1,193 @@
+"""The end-to-end job behind ``offramp demo`` and the benchmarks.
+
+train → profile → record (val, test) → calibrate on val → simulate on test → run the real
+runtime on test (and check it against the simulation) → time the plain backbone and the
+early-exit runtime side by side at batch 1 and batch 256.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from offramp.calibration import ThresholdCalibrator
+from offramp.costs import profile
+from offramp.data.digits import Splits
+from offramp.evaluation import ExitRecord, simulate
+from offramp.network import MultiExitNetwork
+from offramp.runtime import EarlyExitRuntime
+from offramp.timing import compare_wallclock
+from offramp.training.joint import JointTraining, Schedule
+from offramp.training.loop import FitConfig, fit
+
+__all__ = ["ExperimentConfig", "measure_speedups", "run_experiment"]
+
+log = logging.getLogger("offramp.experiment")
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings of :func:`run_experiment`.
+
+    Attributes:
+        fit: training loop settings.
+        criterion: exit criterion (``entropy`` or ``max_prob``).
+        delta: accuracy loss allowed at calibration, relative to the final exit on val.
+        mode: runtime execution mode for both the early-exit runtime and the plain backbone.
+        batch1_samples: test samples timed one at a time.
+        batch_size: the large batch size timed.
+        large_batches: number of large batches timed per repeat.
+        repeats: timing repeats (median reported), after 2 warm-up runs.
+        train: train the network first (``False`` to evaluate a trained one).
+    """
+
+    fit: FitConfig = field(default_factory=FitConfig)
+    criterion: str = "entropy"
+    delta: float = 0.0
+    mode: str = "eager"
+    batch1_samples: int = 300
+    batch_size: int = 256
+    large_batches: int = 4
+    repeats: int = 5
+    train: bool = True
+
+
+def _cycle(x: Tensor, n: int) -> Tensor:
+    reps = -(-n // x.shape[0])
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n]
+
+
+@torch.no_grad()
+def measure_speedups(
+    runtime: EarlyExitRuntime,
+    x: Tensor,
+    *,
+    batch1_samples: int = 300,
+    batch_size: int = 256,
+    large_batches: int = 4,
+    repeats: int = 5,
+) -> dict[str, float]:
+    """Wall-clock of the plain backbone vs the early-exit runtime, interleaved in one run.
+
+    Both run in the runtime's execution mode on the same thread count, with input validation
+    off on both sides. Large batches cycle through ``x`` when it has fewer samples than needed.
+
+    Returns:
+        ``speedup_batch1`` and ``speedup_batch{batch_size}`` (plain / early exit), and the
+        median seconds per sample of each side.
+    """
+    plain = runtime.plain_backbone()
+    validate, runtime.validate = runtime.validate, False
+    try:
+        one = [x[i : i + 1] for i in range(min(batch1_samples, x.shape[0]))]
+        big = _cycle(x, batch_size * large_batches).split(batch_size)
+
+        def plain1() -> None:
+            for s in one:
+                plain(s)
+
+        def ee1() -> None:
+            for s in one:
+                runtime.run_one(s)
+
+        def plain_big() -> None:
+            for b in big:
+                plain(b)
+
+        def ee_big() -> None:
+            for b in big:
+                runtime(b)
+
+        t1 = compare_wallclock({"plain": plain1, "ee": ee1}, repeats=repeats)
+        tb = compare_wallclock({"plain": plain_big, "ee": ee_big}, repeats=repeats)
+    finally:
+        runtime.validate = validate
+    nb = batch_size * large_batches
+    return {
+        "speedup_batch1": t1["plain"] / t1["ee"],
+        f"speedup_batch{batch_size}": tb["plain"] / tb["ee"],
+        "plain_us_per_sample_batch1": 1e6 * t1["plain"] / len(one),
+        "early_exit_us_per_sample_batch1": 1e6 * t1["ee"] / len(one),
+        f"plain_us_per_sample_batch{batch_size}": 1e6 * tb["plain"] / nb,
+        f"early_exit_us_per_sample_batch{batch_size}": 1e6 * tb["ee"] / nb,
+    }
+
+
+def run_experiment(
+    net: MultiExitNetwork,
+    splits: Splits,
+    cfg: ExperimentConfig,
+    *,
+    schedule: Schedule | None = None,
+) -> dict[str, Any]:
+    """Train (optionally), calibrate on ``splits.val`` and evaluate ``net`` on ``splits.test``.
+
+    Returns:
+        A JSON-ready dict with at least ``final_exit_accuracy``, ``early_exit_accuracy``,
+        ``relative_cost``, ``speedup_batch1``, ``speedup_batch256`` and ``exit_fractions``.
+    """
+    t0 = time.perf_counter()
+    history = []
+    if cfg.train:
+        history = fit(net, splits.train, cfg.fit, strategy=JointTraining(schedule), val=splits.val)
+    train_s = time.perf_counter() - t0
+    net.eval()
+    x_test, y_test = splits.test
+    prof = profile(net, x_test[:1])
+    cum = prof.cumulative
+    rec_val = ExitRecord.collect(net, splits.val)
+    rec_test = ExitRecord.collect(net, splits.test)
+    cal = ThresholdCalibrator(cfg.criterion, cfg.delta).fit(rec_val, cum)
+    sim = simulate(rec_test, cal.policy_)
+    summ = rec_test.summary(sim.exits, cum)
+    runtime = EarlyExitRuntime(
+        net, cal.policy_, costs=prof, mode=cfg.mode, example_input=x_test[:2]
+    )
+    res = runtime(x_test)
+    agree_exits = float((res.exits.numpy() == sim.exits).mean())
+    agree_preds = float((res.predictions.numpy() == sim.predictions).mean())
+    oracle = rec_test.oracle_exits()
+    speed = measure_speedups(
+        runtime,
+        x_test,
+        batch1_samples=cfg.batch1_samples,
+        batch_size=cfg.batch_size,
+        large_batches=cfg.large_batches,
+        repeats=cfg.repeats,
+    )
+    acc = rec_test.exit_accuracy()
+    frac = np.asarray(summ["exit_fractions"])
+    return {
+        "final_exit_accuracy": float(acc[-1]),
+        "early_exit_accuracy": float(summ["accuracy"]),
+        "relative_cost": float(summ["expected_cost"]) / prof.backbone_flops,
+        "flops_reduction": prof.backbone_flops / float(summ["expected_cost"]),
+        **speed,
+        "exit_fractions": frac.tolist(),
+        "exit_accuracy": acc.tolist(),
+        "accuracy_of_leavers": summ["accuracy_of_leavers"],
+        "exit_relative_cost": prof.relative_cumulative.tolist(),
+        "oracle_accuracy": rec_test.accuracy(oracle),
+        "oracle_relative_cost": float(
+            np.bincount(oracle, minlength=len(cum)) @ cum / len(oracle) / prof.backbone_flops
+        ),
+        "thresholds": list(cal.thresholds_),
+        "criterion": cfg.criterion,
+        "delta": cfg.delta,
+        "val_accuracy": cal.accuracy_,
+        "val_final_accuracy": cal.final_accuracy_,
+        "runtime_matches_simulation": {"exits": agree_exits, "predictions": agree_preds},
+        "costs": prof.to_dict(),
+        "history": [asdict(h) for h in history],
+        "train_seconds": train_s,
+        "mode": cfg.mode,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "n_test": int(y_test.shape[0]),
+    }
