@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing, installs torch==2.13.0 first (the CPU wheel on disk; a
+# looser spec would pull a multi-GB CUDA build), then the package with the extras it needs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+DATA   ?= ../shared/data
+
+.PHONY: demo test test-slow lint format bench clean
+
+$(BIN)/.torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	touch $@
+
+$(BIN)/.deps-demo: pyproject.toml $(BIN)/.torch
+	$(PIP) install -e '.[all]'
+	touch $@
+
+$(BIN)/.deps-dev: pyproject.toml $(BIN)/.torch
+	$(PIP) install -e '.[all,dev]'
+	touch $@ $(BIN)/.deps-demo
+
+demo: $(BIN)/.deps-demo
+	$(BIN)/offramp demo --json results/demo.json --plot results/demo.png
+
+test: $(BIN)/.deps-dev
+	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) -m pytest -m "not slow" -q src tests
+
+test-slow: $(BIN)/.deps-dev
+	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) -m pytest -m slow -q tests
+
+lint: $(BIN)/.deps-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(BIN)/.deps-dev
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(BIN)/.deps-dev
+	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/branchynet_mnist.py --json results/branchynet_mnist.json
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .ruff_cache

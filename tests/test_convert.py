@@ -1,0 +1,100 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offramp import attach_exits
+from offramp.errors import ConversionError
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.relu(self.conv2(h)) * self.scale
+        h = F.max_pool2d(h, 2).flatten(1)
+        return self.fc(h) * self.scale  # `scale` is used on both sides of a cut
+
+
+class Res(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 6)
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.block(h)
+        return self.out(h)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: not traceable
+            return self.a(x)
+        return x
+
+
+def test_sequential_slicing_equals_model():
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10)
+    )
+    x = torch.rand(5, 1, 8, 8)
+    net = attach_exits(model, at=[2, "4"], example_input=x[:1], head="mlp")
+    assert net.num_exits == 3 and net.input_shape == (1, 8, 8) and net.num_classes == 10
+    with torch.no_grad():
+        assert torch.equal(net(x).final, model(x))
+    assert net(x)[0].shape == (5, 10)
+    assert net.blocks[0][1] is model[1]  # parameters are shared, not copied
+
+
+def test_fx_split_equals_model():
+    model = SmallCNN().eval()
+    x = torch.rand(3, 1, 16, 16)
+    net = attach_exits(model, at=["conv1", "conv2"], example_input=x[:1], head=["pool", "linear"])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).final, model(x), rtol=0, atol=0)
+        assert [tuple(o.shape) for o in net(x)] == [(3, 10)] * 3
+
+
+def test_fx_cut_after_whole_residual_block():
+    model = Res()
+    x = torch.rand(4, 6)
+    net = attach_exits(model, at=["block"], example_input=x)
+    with torch.no_grad():
+        assert torch.equal(net(x).final, model(x))
+
+
+def test_fx_cut_inside_residual_block_is_refused():
+    with pytest.raises(ConversionError, match=r"cannot cut after 'block.0': 2 values cross"):
+        attach_exits(Res(), at=["block.0"], example_input=torch.rand(1, 6))
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ConversionError, match=r"unknown layer name 'conv9'.*'conv1'.*'fc'"):
+        attach_exits(SmallCNN(), at=["conv9"], example_input=torch.rand(1, 1, 16, 16))
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ConversionError, match=r"out of range"):
+        attach_exits(seq, at=[7], example_input=torch.rand(1, 4))
+
+
+def test_untraceable_model_explains():
+    with pytest.raises(ConversionError, match="torch.fx could not trace Branchy"):
+        attach_exits(Branchy(), at=["a"], example_input=torch.rand(1, 4))
+
+
+def test_exit_after_last_layer_is_refused():
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ConversionError, match="last layer"):
+        attach_exits(seq, at=[1], example_input=torch.rand(1, 4))

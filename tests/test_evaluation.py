@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from offramp import ExitRecord, ThresholdPolicy, simulate
+from offramp.errors import ShapeError
+from offramp.evaluation import exit_histogram
+
+
+def _record() -> ExitRecord:
+    # 3 exits, 4 samples, 2 classes; labels [0, 1, 1, 0]
+    logits = torch.tensor(
+        [
+            [[3.0, 0.0], [2.0, 0.0], [0.0, 0.1], [0.0, 3.0]],  # exit 0 predicts 0 0 1 1
+            [[0.0, 1.0], [0.0, 2.0], [0.0, 3.0], [0.0, 1.0]],  # exit 1 predicts 1 1 1 1
+            [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]],  # exit 2 predicts 0 0 1 1
+        ]
+    )
+    return ExitRecord(logits, torch.tensor([0, 1, 1, 0]))
+
+
+def test_accuracy_and_oracle_by_hand():
+    rec = _record()
+    np.testing.assert_allclose(rec.exit_accuracy(), [0.5, 0.5, 0.5])
+    # sample 0: exit 0 right; 1: exit 1 first right; 2: exit 0; 3: none right -> 0
+    assert rec.oracle_exits().tolist() == [0, 1, 0, 0]
+    assert rec.accuracy(rec.oracle_exits()) == 0.75
+
+
+def test_summary_by_hand():
+    rec = _record()
+    s = rec.summary(np.array([0, 1, 2, 2]), np.array([1.0, 2.0, 4.0]))
+    assert s["expected_cost"] == pytest.approx((1 + 2 + 4 + 4) / 4)
+    assert s["exit_fractions"] == [0.25, 0.25, 0.5]
+    assert s["accuracy"] == 0.75  # right, right, right, wrong
+    assert s["accuracy_of_leavers"] == [1.0, 1.0, 0.5]
+
+
+def test_simulate_uses_first_firing_exit():
+    rec = _record()
+    d = simulate(rec, ThresholdPolicy("max_prob", (0.85, 0.85)))
+    # exit 0 max probs: .95 .88 .52 .95 -> samples 0, 1, 3 leave; sample 2 at exit 1 (p=.95)
+    assert d.exits.tolist() == [0, 0, 1, 0]
+    assert d.predictions.tolist() == [0, 0, 1, 1]
+
+
+def test_histogram():
+    np.testing.assert_allclose(exit_histogram(np.array([0, 2, 2, 2]), 3), [0.25, 0, 0.75])
+
+
+def test_record_shape_checks_and_roundtrip(tmp_path):
+    with pytest.raises(ShapeError, match=r"\(E, N, C\)"):
+        ExitRecord(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ShapeError, match=r"\(4,\)"):
+        ExitRecord(torch.zeros(2, 4, 3), torch.zeros(3, dtype=torch.long))
+    rec = _record()
+    rec.save(tmp_path / "r.pt")
+    back = ExitRecord.load(tmp_path / "r.pt")
+    assert torch.equal(back.logits, rec.logits) and torch.equal(back.labels, rec.labels)
+    sub = rec.subset(np.array([1, 3]))
+    assert sub.num_samples == 2 and sub.labels.tolist() == [1, 0]
+
+
+def test_collect_matches_forward(cnn, digits_x):
+    y = torch.arange(64) % 10
+    rec = ExitRecord.collect(cnn, (digits_x, y), batch_size=17)
+    with torch.no_grad():
+        full = cnn(digits_x).stack()
+    torch.testing.assert_close(rec.logits, full)
+    assert rec.labels.tolist() == y.tolist()
