@@ -168,4 +168,3 @@ class ThresholdPolicy:
 
     def to_dict(self) -> dict[str, object]:
         return {"criterion": self.criterion, "thresholds": list(self.thresholds)}
-
