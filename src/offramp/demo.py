@@ -47,15 +47,31 @@ class DemoConfig:
 def format_results(r: dict[str, Any]) -> str:
     """The demo's text report: one row per exit, then the overall comparison."""
     rows = []
+    times = r["exit_path_time_ratio_batch256"]
     for i, (acc, frac, cost) in enumerate(
         zip(r["exit_accuracy"], r["exit_fractions"], r["exit_relative_cost"], strict=True)
     ):
         leav = r["accuracy_of_leavers"][i]
         rows.append(
-            [i, f"{acc:.4f}", f"{frac:.3f}", "-" if leav is None else f"{leav:.4f}", f"{cost:.3f}"]
+            [
+                i,
+                f"{acc:.4f}",
+                f"{frac:.3f}",
+                "-" if leav is None else f"{leav:.4f}",
+                f"{cost:.3f}",
+                f"{times[i]:.3f}",
+            ]
         )
     table = format_table(
-        ["exit", "accuracy (all)", "share leaving", "accuracy (leavers)", "C_i / backbone"], rows
+        [
+            "exit",
+            "accuracy (all)",
+            "share leaving",
+            "accuracy (leavers)",
+            "C_i / backbone",
+            "path time / backbone (b=256)",
+        ],
+        rows,
     )
     lines = [
         table,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +59,16 @@ class ExperimentConfig:
     train: bool = True
 
 
+def _over(fn: Callable[[Tensor], object], batches: Sequence[Tensor]) -> Callable[[], None]:
+    """A callable that runs ``fn`` on every batch (for timing)."""
+
+    def run() -> None:
+        for b in batches:
+            fn(b)
+
+    return run
+
+
 def _cycle(x: Tensor, n: int) -> Tensor:
     reps = -(-n // x.shape[0])
     return x.repeat(reps, *([1] * (x.dim() - 1)))[:n]
@@ -72,7 +83,7 @@ def measure_speedups(
     batch_size: int = 256,
     large_batches: int = 4,
     repeats: int = 5,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Wall-clock of the plain backbone vs the early-exit runtime, interleaved in one run.
 
     Both run in the runtime's execution mode on the same thread count, with input validation
@@ -87,25 +98,13 @@ def measure_speedups(
     try:
         one = [x[i : i + 1] for i in range(min(batch1_samples, x.shape[0]))]
         big = _cycle(x, batch_size * large_batches).split(batch_size)
-
-        def plain1() -> None:
-            for s in one:
-                plain(s)
-
-        def ee1() -> None:
-            for s in one:
-                runtime.run_one(s)
-
-        def plain_big() -> None:
-            for b in big:
-                plain(b)
-
-        def ee_big() -> None:
-            for b in big:
-                runtime(b)
-
-        t1 = compare_wallclock({"plain": plain1, "ee": ee1}, repeats=repeats)
-        tb = compare_wallclock({"plain": plain_big, "ee": ee_big}, repeats=repeats)
+        t1 = compare_wallclock(
+            {"plain": _over(plain, one), "ee": _over(runtime.run_one, one)}, repeats=repeats
+        )
+        paths = {f"path{i}": _over(runtime.path(i), big) for i in range(runtime.net.num_exits - 1)}
+        tb = compare_wallclock(
+            {"plain": _over(plain, big), "ee": _over(runtime, big), **paths}, repeats=repeats
+        )
     finally:
         runtime.validate = validate
     nb = batch_size * large_batches
@@ -116,6 +115,12 @@ def measure_speedups(
         "early_exit_us_per_sample_batch1": 1e6 * t1["ee"] / len(one),
         f"plain_us_per_sample_batch{batch_size}": 1e6 * tb["plain"] / nb,
         f"early_exit_us_per_sample_batch{batch_size}": 1e6 * tb["ee"] / nb,
+        # wall-clock of each early exit's own path relative to the plain backbone, to set
+        # beside its FLOPs ratio: the gap is per-op inefficiency, not runtime overhead
+        f"exit_path_time_ratio_batch{batch_size}": [
+            tb[f"path{i}"] / tb["plain"] for i in range(runtime.net.num_exits - 1)
+        ]
+        + [1.0],
     }
 
 

@@ -143,19 +143,25 @@ class EarlyExitRuntime:
             steps = scripted
         self._steps = steps
         self._final = final
-        self._backbone: nn.Module | None = None
+        self._paths: dict[int, nn.Module] = {}
         self._example = example_input
 
-    def plain_backbone(self) -> nn.Module:
-        """The plain backbone (no intermediate heads) in the same execution mode as the stages."""
-        if self._backbone is None:
-            bb = self.net.backbone().eval()
+    def path(self, i: int = -1) -> nn.Module:
+        """Exit ``i``'s plain path (its blocks, then its head; no other heads) in this runtime's
+        execution mode — the fair reference for timing that exit."""
+        i = self.net._exit(i)
+        if i not in self._paths:
+            m = self.net.exit_path(i).eval()
             if self.mode == "script":
                 assert self._example is not None
                 with torch.no_grad():
-                    bb = _script(bb, self._example)
-            self._backbone = bb
-        return self._backbone
+                    m = _script(m, self._example)
+            self._paths[i] = m
+        return self._paths[i]
+
+    def plain_backbone(self) -> nn.Module:
+        """The plain backbone (no intermediate heads) in the same execution mode as the stages."""
+        return self.path(-1)
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> RuntimeResult:
