@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from offramp.data import Splits, load_mnist
-from offramp.experiment import ExperimentConfig, run_experiment
+from offramp.experiment import CONTRACT_KEYS, ExperimentConfig, run_experiment
 from offramp.models import blenet
 from offramp.report import format_table
 from offramp.runtime import MODES
@@ -133,17 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(results.values(), key=lambda r: r["flops_reduction"])
     out = {
         # top-level contract: the operating point with the largest FLOPs reduction
-        **{
-            k: best[k]
-            for k in (
-                "final_exit_accuracy",
-                "early_exit_accuracy",
-                "relative_cost",
-                "speedup_batch1",
-                "speedup_batch256",
-                "exit_fractions",
-            )
-        },
+        **{k: best[k] for k in CONTRACT_KEYS},
         "head": best["head"],
         "paper": PAPER,
         "runs": results,

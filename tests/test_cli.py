@@ -3,15 +3,7 @@ import json
 import pytest
 
 from offramp.cli import main
-
-REQUIRED = [
-    "final_exit_accuracy",
-    "early_exit_accuracy",
-    "relative_cost",
-    "speedup_batch1",
-    "speedup_batch256",
-    "exit_fractions",
-]
+from offramp.experiment import CONTRACT_KEYS
 
 
 @pytest.mark.parametrize("mode", ["eager", "script"])
@@ -22,7 +14,7 @@ def test_demo_writes_json_and_plot(tmp_path, capsys, mode):
     )
     assert code == 0
     r = json.loads(js.read_text())
-    for key in REQUIRED:
+    for key in CONTRACT_KEYS:
         assert key in r
     for key in ("final_exit_accuracy", "early_exit_accuracy"):
         assert 0.0 <= r[key] <= 1.0
