@@ -27,7 +27,17 @@ from offramp.timing import compare_wallclock
 from offramp.training.joint import JointTraining, Schedule
 from offramp.training.loop import FitConfig, fit
 
-__all__ = ["ExperimentConfig", "measure_speedups", "run_experiment"]
+__all__ = ["CONTRACT_KEYS", "ExperimentConfig", "measure_speedups", "run_experiment"]
+
+#: Keys every result JSON (``offramp demo --json``, benchmarks) carries at its top level.
+CONTRACT_KEYS = (
+    "final_exit_accuracy",
+    "early_exit_accuracy",
+    "relative_cost",
+    "speedup_batch1",
+    "speedup_batch256",
+    "exit_fractions",
+)
 
 log = logging.getLogger("offramp.experiment")
 

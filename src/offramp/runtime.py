@@ -74,11 +74,31 @@ class _Final(nn.Module):
 
 
 def _script(module: nn.Module, example: Tensor) -> nn.Module:
-    """Trace and freeze ``module`` for inference (folds constants, fuses conv/bn/relu)."""
+    """Trace and freeze ``module`` for inference, then let ``optimize_for_inference`` fuse
+    conv/bn/relu and move convolutions to oneDNN layouts. Graphs whose optimised form fails or
+    disagrees with eager on ``example`` (some oneDNN kernels have shape limits) keep the plain
+    frozen graph."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(module.eval(), example, check_trace=False)
-        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+        def frozen() -> torch.jit.ScriptModule:
+            return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
+
+        want = module(example)
+        try:  # optimize_for_inference rewrites its argument in place: give it its own copy
+            fast = torch.jit.optimize_for_inference(frozen())
+            got = fast(example)
+            same = all(
+                torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+                for a, b in zip(_as_tuple(got), _as_tuple(want), strict=True)
+            )
+        except RuntimeError:
+            same = False
+        return fast if same else frozen()
+
+
+def _as_tuple(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return x if isinstance(x, tuple) else (x,)
 
 
 class EarlyExitRuntime:
