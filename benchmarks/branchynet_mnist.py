@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", default="conv,linear", help="comma-separated early-exit heads")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--delta", type=float, default=0.0, help="accuracy loss allowed on val")
     p.add_argument("--criterion", default="entropy", choices=["entropy", "max_prob"])
     p.add_argument("--mode", default="script", choices=MODES)
@@ -130,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     for head in args.heads.split(","):
         t0 = time.perf_counter()
         net = blenet(28, 10, exits_after=(0,), head=head, seed=args.seed)
-        ckpt = Path(args.checkpoint_dir) / f"blenet_{head}_e{args.epochs}_s{args.seed}.pt"
+        ckpt = Path(args.checkpoint_dir) / (
+            f"blenet_{head}_e{args.epochs}_lr{args.lr:g}_wd{args.weight_decay:g}_s{args.seed}.pt"
+        )
         cfg = ExperimentConfig(
             fit=FitConfig(
                 epochs=args.epochs,
                 batch_size=64,
                 lr=args.lr,
+                weight_decay=args.weight_decay,
                 lr_schedule="cosine",
                 seed=args.seed,
                 checkpoint=str(ckpt),
