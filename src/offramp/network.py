@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -165,24 +166,47 @@ class MultiExitNetwork(nn.Module):
             raise ConfigError(f"exit index {i} is out of range for {e} exits (valid: 0 … {e - 1})")
         return i % e
 
-    def forward(self, x: Tensor) -> ExitOutputs:
+    @overload
+    def forward(
+        self, x: Tensor, *, return_features: Literal[False] = ..., detach: bool = ...
+    ) -> ExitOutputs: ...
+
+    @overload
+    def forward(
+        self, x: Tensor, *, return_features: Literal[True], detach: bool = ...
+    ) -> tuple[tuple[Tensor, ...], ExitOutputs]: ...
+
+    def forward(
+        self, x: Tensor, *, return_features: bool = False, detach: bool = False
+    ) -> ExitOutputs | tuple[tuple[Tensor, ...], ExitOutputs]:
         """Run every block and every head.
 
         Args:
             x: a batch ``(B, *input_shape)``.
+            return_features: also return ``h`` at every exit (the head's input).
+            detach: cut the autograd graph after every stage, so no gradient crosses from one
+                stage into the previous one (local learning); each stage is then trained only
+                by the losses computed on its own outputs.
 
         Returns:
-            ``ExitOutputs`` with one ``(B, C)`` logits tensor per exit.
+            ``ExitOutputs`` with one ``(B, C)`` logits tensor per exit, or
+            ``(features, outputs)`` with ``return_features=True``.
         """
         check_input(x, self.input_shape, finite=False)
         outs: list[Tensor] = []
+        feats: list[Tensor] = []
         h = x
         e = 0
         for k, block in enumerate(self.blocks):
             h = block(h)
             if e < len(self.exit_blocks) and self.exit_blocks[e] == k:
+                feats.append(h)
                 outs.append(self.heads[e](h))
                 e += 1
+                if detach:
+                    h = h.detach()
+        if return_features:
+            return tuple(feats), ExitOutputs(tuple(outs))
         return ExitOutputs(tuple(outs))
 
     def stages(self) -> list[Stage]:

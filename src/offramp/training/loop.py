@@ -12,29 +12,58 @@ uninterrupted run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from offramp._progress import progress
 from offramp.errors import CheckpointError, ConfigError
 from offramp.evaluation import ExitRecord
 from offramp.network import MultiExitNetwork
+from offramp.training.distributed import (
+    all_reduce_sum,
+    average_gradients,
+    barrier,
+    ddp_wrap,
+    world_info,
+)
 from offramp.training.joint import JointTraining
 
-__all__ = ["EpochLog", "FitConfig", "Strategy", "fit", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "EpochLog",
+    "FitConfig",
+    "Strategy",
+    "fit",
+    "load_checkpoint",
+    "make_optimizer",
+    "save_checkpoint",
+]
 
 log = logging.getLogger("offramp.training")
 
 
 class Strategy(Protocol):
-    """A training strategy: one step signature, optional ``on_epoch_start`` hook."""
+    """A training strategy: ``step(net, batch) -> {"loss", "exit_losses", "correct", …}``.
+
+    Optional hooks, looked up by name (no base class to inherit):
+
+    - ``on_epoch_start(net, epoch, num_epochs)`` — per-epoch settings (λ schedules);
+    - ``on_batch_start(net, optimizer, iteration, total_iterations)`` — per-step settings
+      (freezeout's per-block learning rates); set ``manages_lr = True`` to keep the loop from
+      overwriting the learning rates it sets;
+    - ``configure_optimizer(net, config) -> Optimizer`` — own parameter groups.
+
+    A strategy that is itself an ``nn.Module`` (gates, mixing weights) has its parameters
+    trained with the network's and its state saved in the checkpoint. Any further 0-d tensors
+    in the returned dict are averaged over the epoch into :attr:`EpochLog.extra`.
+    """
 
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]: ...
 
@@ -122,8 +151,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from exc
 
 
-def _optimizer(net: MultiExitNetwork, cfg: FitConfig) -> torch.optim.Optimizer:
+def _trainable(net: nn.Module, strategy: object) -> list[nn.Parameter]:
     params = [p for p in net.parameters() if p.requires_grad]
+    if isinstance(strategy, nn.Module):
+        params += [p for p in strategy.parameters() if p.requires_grad]
+    return params
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], cfg: FitConfig
+) -> torch.optim.Optimizer:
+    """The optimiser ``cfg`` names, over ``params`` (tensors or parameter-group dicts)."""
     if cfg.optimizer == "adam":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -137,21 +175,42 @@ def _lr_at(cfg: FitConfig, epoch: int) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if cfg.lr_schedule == "cosine":
-        import math
-
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
     raise ConfigError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose 'constant' or 'cosine'")
 
 
 def _batches(
-    data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]], bs: int, gen: torch.Generator
+    data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+    bs: int,
+    gen: torch.Generator,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
+    """Shuffled mini-batches of ``bs`` samples; with ``world > 1`` each rank gets its contiguous
+    share of every global batch (all ranks draw the same permutation from the same seed)."""
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
         x, y = data
         perm = torch.randperm(x.shape[0], generator=gen)
         starts = range(0, x.shape[0], bs)
-        return ((x[perm[s : s + bs]], y[perm[s : s + bs]]) for s in starts), len(starts)
+
+        def gen_batches() -> Iterator[tuple[Tensor, Tensor]]:
+            for s in starts:
+                idx = perm[s : s + bs]
+                if world > 1:
+                    idx = idx.tensor_split(world)[rank]
+                yield x[idx], y[idx]
+
+        return gen_batches(), len(starts)
+    if world > 1:
+        raise ConfigError(
+            "distributed training shards (X, y) tensors itself; pass tensors rather than an "
+            "iterable of batches"
+        )
     return data, (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
+
+
+def _hook(strategy: object, name: str) -> Callable[..., Any] | None:
+    return getattr(strategy, name, None)
 
 
 def fit(
@@ -165,12 +224,16 @@ def fit(
 ) -> list[EpochLog]:
     """Train ``net`` with ``strategy`` (default: joint training with λ = 1).
 
+    Under ``torch.distributed`` (initialised, world size > 1) the network is wrapped in
+    ``DistributedDataParallel`` and every rank trains on its share of each global batch of
+    ``config.batch_size`` samples, so a run on N ranks follows the single-process run.
+
     Args:
         net: the network; trained in place.
         train: ``(X, y)`` tensors (shuffled by the loop) or a re-iterable of batches.
         config: loop settings (:class:`FitConfig`).
-        strategy: object with ``step(net, batch) -> {"loss", "exit_losses", "correct"}`` and an
-            optional ``on_epoch_start(net, epoch, num_epochs)``.
+        strategy: object with ``step(net, batch) -> {"loss", "exit_losses", "correct"}`` and
+            optional hooks (see :class:`Strategy`).
         val: optional ``(X, y)`` evaluated on every exit after each epoch.
         callbacks: called with each epoch's :class:`EpochLog` after its checkpoint is written.
 
@@ -190,10 +253,16 @@ def fit(
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError(f"epochs and batch_size must be ≥ 1, got {cfg.epochs}, {cfg.batch_size}")
     strategy = strategy or JointTraining()
-    opt = _optimizer(net, cfg)
+    rank, world = world_info()
+    torch.manual_seed(cfg.seed)
+    configure = _hook(strategy, "configure_optimizer")
+    opt = (
+        configure(net, cfg)
+        if configure is not None
+        else make_optimizer(_trainable(net, strategy), cfg)
+    )
     history: list[EpochLog] = []
     start = 0
-    torch.manual_seed(cfg.seed)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and cfg.resume and ckpt.exists():
         state = load_checkpoint(ckpt)
@@ -204,30 +273,48 @@ def fit(
                 "or resume=False"
             )
         net.load_state_dict(state["model"])
+        if isinstance(strategy, nn.Module) and "strategy" in state:
+            strategy.load_state_dict(state["strategy"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         history = [EpochLog(**h) for h in state["history"]]
         start = state["epoch"]
         log.info("resumed from %s after epoch %d", ckpt, start)
 
+    model: Any = ddp_wrap(net, strategy) if world > 1 else net
+    on_batch = _hook(strategy, "on_batch_start")
+    iteration: int | None = None
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         net.train()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, epoch)
-        hook = getattr(strategy, "on_epoch_start", None)
+        if isinstance(strategy, nn.Module):
+            strategy.train()
+        if not getattr(strategy, "manages_lr", False):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(cfg, epoch)
+        hook = _hook(strategy, "on_epoch_start")
         if hook is not None:
             hook(net, epoch, cfg.epochs)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        batches, total = _batches(train, cfg.batch_size, gen)
-        loss_sum, n_seen = 0.0, 0
-        exit_loss_sum: Tensor | None = None
-        correct_sum: Tensor | None = None
+        batches, per_epoch = _batches(train, cfg.batch_size, gen, rank, world)
+        if on_batch is not None and per_epoch is None:
+            raise ConfigError(
+                f"{type(strategy).__name__} schedules every step and needs the number of "
+                "batches per epoch: pass (X, y) tensors or a sized iterable of batches"
+            )
+        iteration = epoch * per_epoch if per_epoch is not None else None
+        sums = _EpochSums()
         bar = progress(
-            batches, total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.show_progress
+            batches,
+            total=per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            enabled=cfg.show_progress and rank == 0,
         )
         for batch in bar:
-            out = strategy.step(net, batch)
+            if on_batch is not None:
+                assert iteration is not None and per_epoch is not None
+                on_batch(net, opt, iteration, cfg.epochs * per_epoch)
+            out = strategy.step(model, batch)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise ConfigError(
@@ -236,21 +323,13 @@ def fit(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1 and isinstance(strategy, nn.Module):
+                average_gradients(strategy.parameters())
             opt.step()
-            b = batch[1].shape[0]
-            n_seen += b
-            loss_sum += float(loss.detach()) * b
-            el = out["exit_losses"].detach() * b
-            exit_loss_sum = el if exit_loss_sum is None else exit_loss_sum + el
-            c = out["correct"].detach()
-            correct_sum = c if correct_sum is None else correct_sum + c
-        assert exit_loss_sum is not None and correct_sum is not None
-        entry = EpochLog(
-            epoch=epoch,
-            loss=loss_sum / n_seen,
-            exit_losses=(exit_loss_sum / n_seen).tolist(),
-            exit_accuracy=(correct_sum.double() / n_seen).tolist(),
-        )
+            sums.add(out, batch[1].shape[0])
+            if iteration is not None:
+                iteration += 1
+        entry = sums.epoch_log(epoch, world)
         if val is not None:
             entry.val_exit_accuracy = ExitRecord.collect(net, val).exit_accuracy().tolist()
         entry.seconds = time.perf_counter() - t0
@@ -265,20 +344,69 @@ def fit(
             if entry.val_exit_accuracy is None
             else " val " + " ".join(f"{a:.3f}" for a in entry.val_exit_accuracy),
         )
-        if ckpt is not None:
-            save_checkpoint(
-                ckpt,
-                {
-                    "format": 1,
-                    "epoch": epoch + 1,
-                    "model": net.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "history": [asdict(h) for h in history],
-                    "config": cfg.fingerprint(),
-                },
-            )
+        if ckpt is not None and rank == 0:
+            state = {
+                "format": 1,
+                "epoch": epoch + 1,
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": [asdict(h) for h in history],
+                "config": cfg.fingerprint(),
+            }
+            if isinstance(strategy, nn.Module):
+                state["strategy"] = strategy.state_dict()
+            save_checkpoint(ckpt, state)
+        barrier()
         for cb in callbacks:
             cb(entry)
     net.eval()
+    if isinstance(strategy, nn.Module):
+        strategy.eval()
     return history
+
+
+class _EpochSums:
+    """Sample-weighted sums of a strategy's outputs over one epoch."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.loss = 0.0
+        self.exit_losses: Tensor | None = None
+        self.correct: Tensor | None = None
+        self.extra: dict[str, float] = {}
+
+    def add(self, out: dict[str, Tensor], b: int) -> None:
+        self.n += b
+        self.loss += float(out["loss"].detach()) * b
+        el = out["exit_losses"].detach().double() * b
+        self.exit_losses = el if self.exit_losses is None else self.exit_losses + el
+        c = out["correct"].detach().double()
+        self.correct = c if self.correct is None else self.correct + c
+        for k, v in out.items():
+            if k not in ("loss", "exit_losses", "correct") and v.dim() == 0:
+                self.extra[k] = self.extra.get(k, 0.0) + float(v.detach()) * b
+
+    def epoch_log(self, epoch: int, world: int) -> EpochLog:
+        if self.exit_losses is None or self.correct is None:
+            raise ConfigError(f"epoch {epoch} saw no training batch: the training data is empty")
+        keys = sorted(self.extra)
+        flat = torch.cat(
+            [
+                torch.tensor([float(self.n), self.loss], dtype=torch.float64),
+                self.exit_losses,
+                self.correct,
+                torch.tensor([self.extra[k] for k in keys], dtype=torch.float64),
+            ]
+        )
+        if world > 1:
+            flat = all_reduce_sum(flat)
+        e = self.exit_losses.numel()
+        n = float(flat[0])
+        return EpochLog(
+            epoch=epoch,
+            loss=float(flat[1]) / n,
+            exit_losses=(flat[2 : 2 + e] / n).tolist(),
+            exit_accuracy=(flat[2 + e : 2 + 2 * e] / n).tolist(),
+            extra={k: float(v) / n for k, v in zip(keys, flat[2 + 2 * e :], strict=True)},
+        )

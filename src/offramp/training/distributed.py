@@ -1,0 +1,125 @@
+"""Distributed training on PyTorch DDP (gloo on CPU, nccl where there are GPUs).
+
+:func:`~offramp.training.loop.fit` checks :func:`world_info`: when ``torch.distributed`` is
+initialised with more than one rank it wraps the network in ``DistributedDataParallel`` (with
+``find_unused_parameters=True``, so exits a strategy leaves unused do not stall the reducer),
+gives each rank its share of every global batch, averages the gradients of a strategy's own
+parameters (gates, mixing weights) by hand, sums the epoch statistics over ranks, and writes
+checkpoints from rank 0 only.
+
+Start ranks with ``torchrun`` — ``offramp train CONFIG --nproc N`` does this for you — or, in
+tests, with :func:`torch.multiprocessing.spawn` and :func:`init_process_group` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from offramp.errors import ConfigError
+
+__all__ = [
+    "DDPNet",
+    "all_reduce_sum",
+    "average_gradients",
+    "barrier",
+    "ddp_wrap",
+    "init_process_group",
+    "world_info",
+]
+
+
+def world_info() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` when ``torch.distributed`` is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_process_group(
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    port: int | None = None,
+    backend: str = "gloo",
+) -> tuple[int, int]:
+    """Join the process group: from ``torchrun``'s environment when arguments are omitted, or
+    on 127.0.0.1:``port`` for ranks started by hand.
+
+    Returns:
+        ``(rank, world size)``.
+    """
+    if rank is None or world_size is None:
+        try:
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        except KeyError as exc:
+            raise ConfigError(
+                f"no {exc.args[0]} in the environment: start the ranks with torchrun (or "
+                "`offramp train CONFIG --nproc N`), or pass rank and world_size"
+            ) from exc
+    if port is not None:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return rank, world_size
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside distributed training)."""
+    if world_info()[1] > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum ``t`` over ranks (a copy; ``t`` itself is left alone)."""
+    out = t.clone()
+    if world_info()[1] > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def average_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over ranks in place; a missing gradient counts as 0
+    on that rank, so every rank takes part in every reduction."""
+    _, world = world_info()
+    if world == 1:
+        return
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world
+
+
+class DDPNet:
+    """The network as a strategy sees it under DDP: calls go through ``DistributedDataParallel``
+    (so gradients are synchronised), attributes (``num_exits``, ``stages`` …) come from the
+    wrapped :class:`~offramp.network.MultiExitNetwork`."""
+
+    def __init__(self, net: nn.Module, ddp: nn.parallel.DistributedDataParallel) -> None:
+        self._net = net
+        self._ddp = ddp
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ddp(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._net, name)
+
+
+def ddp_wrap(net: nn.Module, strategy: object) -> DDPNet:
+    """Wrap ``net`` in DDP for ``strategy``; refuse strategies that say they cannot run there."""
+    if getattr(strategy, "ddp_compatible", True) is False:
+        raise ConfigError(
+            f"{type(strategy).__name__} cannot run under DDP (it changes which parameters "
+            "train while training); run it in one process"
+        )
+    ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    return DDPNet(net, ddp)
