@@ -2,7 +2,7 @@
 
 Every early exit learns from the labels and from the final exit's softened prediction::
 
-    J = J_L + Σ_{i<L} λ_i · [(1 − α) · CE(y_i, label) + α · T² · KL(softmax(y_L/T) ‖ softmax(y_i/T))]
+    J = J_L + Σ_{i<L} λ_i · [(1 − α)·CE(y_i, label) + α·T²·KL(softmax(y_L/T) ‖ softmax(y_i/T))]
 
 The teacher ``softmax(y_L / T)`` is detached: the final exit is trained by the labels only and
 is not pulled towards its students. ``T`` softens both distributions; the ``T²`` factor keeps
