@@ -32,7 +32,9 @@ def count_flops(module: nn.Module, x: Tensor) -> int:
     """
     with torch.no_grad(), FlopCounterMode(display=False) as mode:
         module(x)
-    return int(mode.get_total_flops())
+    # modules computing outside torch (scikit-learn heads) report an estimate of their own
+    extra = sum(m.extra_flops(x.shape[0]) for m in module.modules() if hasattr(m, "extra_flops"))
+    return int(mode.get_total_flops()) + int(extra)
 
 
 def _params(module: nn.Module) -> int:

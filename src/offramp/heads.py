@@ -11,6 +11,9 @@ with :func:`register_head`.
 | ``pool`` | ``(C, *spatial)`` | global average pooling over the spatial dims, linear |
 | ``mixpool`` | ``(C, H, W)`` | SDN-style learned max/avg pooling mix to a small grid, linear |
 | ``conv`` | ``(C, H, W)`` | BranchyNet-style branch: 3×3 conv, 2×2 max-pool, ReLU, linear |
+
+Non-neural heads: :class:`SklearnHead` wraps any scikit-learn classifier fitted on pooled
+features of a frozen backbone (strategy ``"heads"`` with ``sklearn=…``).
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ from offramp.errors import ConfigError
 
 __all__ = [
     "HEADS",
+    "SKLEARN_ESTIMATORS",
     "HeadFactory",
     "MixedPool2d",
+    "SklearnHead",
     "conv_head",
     "linear_head",
     "make_head",
+    "make_sklearn_estimator",
     "mixpool_head",
     "mlp_head",
+    "pool_features",
     "pool_head",
     "register_head",
 ]
@@ -163,3 +170,140 @@ def conv_head(
         nn.Flatten(),
         nn.Linear(k * oh * ow, num_classes),
     )
+
+
+def pool_features(h: Tensor, size: int = 2) -> Tensor:
+    """Fixed-size features of ``h_i``: ``(B, C, H, W)`` average-pooled to ``(B, C·size·size)``;
+    other shapes flattened to ``(B, D)``.
+
+    Example:
+        >>> import torch
+        >>> tuple(pool_features(torch.randn(3, 5, 9, 9)).shape)
+        (3, 20)
+    """
+    if h.dim() == 4:
+        h = nn.functional.adaptive_avg_pool2d(h, size)  # (B, C, H, W) -> (B, C, size, size)
+    return h.flatten(1)  # (B, ...) -> (B, D)
+
+
+#: scikit-learn classifiers by short name (constructed lazily; scikit-learn is an extra).
+SKLEARN_ESTIMATORS = ("logistic", "tree", "svm", "forest")
+
+
+def make_sklearn_estimator(name: str, seed: int = 0) -> object:
+    """A fresh scikit-learn classifier by short name (:data:`SKLEARN_ESTIMATORS`)."""
+    try:
+        from sklearn.ensemble import RandomForestClassifier
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import SVC
+        from sklearn.tree import DecisionTreeClassifier
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigError(
+            "non-neural heads need scikit-learn: pip install 'offramp[sklearn]'"
+        ) from exc
+    if name == "logistic":
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    if name == "tree":
+        return DecisionTreeClassifier(max_depth=12, random_state=seed)
+    if name == "svm":
+        return make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed))
+    if name == "forest":
+        return RandomForestClassifier(n_estimators=50, max_depth=12, random_state=seed, n_jobs=1)
+    raise ConfigError(f"unknown scikit-learn head {name!r}; choose one of {SKLEARN_ESTIMATORS}")
+
+
+class SklearnHead(nn.Module):
+    """A non-neural exit head: any scikit-learn classifier on pooled features of ``h_i``.
+
+    Its output is ``log predict_proba`` laid out over all ``num_classes`` (classes the
+    estimator never saw get ``log 1e-12``), so every policy (entropy, max-prob …) and the eager
+    runtime treat it like a neural head's logits. It runs on the host through NumPy: it has no
+    gradient and cannot be traced (``traceable = False``; the runtime's ``"script"`` mode
+    refuses it). Its FLOPs are not visible to ``torch.utils.flop_counter``; :meth:`extra_flops`
+    gives an estimate that :func:`offramp.costs.count_flops` adds. The fitted estimator is kept
+    in the module's state dict (``get_extra_state``), so checkpoints carry it.
+
+    Args:
+        estimator: an unfitted scikit-learn classifier, or a name in
+            :data:`SKLEARN_ESTIMATORS`.
+        num_classes: classes ``C``.
+        pool_size: spatial size of the average pooling of ``(C, H, W)`` features.
+
+    Example:
+        >>> import torch
+        >>> head = SklearnHead("logistic", num_classes=3)
+        >>> h, y = torch.randn(30, 4), torch.arange(30) % 3
+        >>> tuple(head.fit(h, y)(h).shape)
+        (30, 3)
+    """
+
+    traceable = False
+
+    def __init__(self, estimator: object | str, num_classes: int, pool_size: int = 2) -> None:
+        super().__init__()
+        self.estimator = (
+            make_sklearn_estimator(estimator) if isinstance(estimator, str) else estimator
+        )
+        self.num_classes = int(num_classes)
+        self.pool_size = int(pool_size)
+        self.fitted = False
+        self._dim = 0
+
+    def features(self, h: Tensor) -> Tensor:
+        """The pooled features the estimator sees, ``(B, D)``."""
+        return pool_features(h.detach(), self.pool_size).float()
+
+    def fit(self, h: Tensor, y: Tensor) -> SklearnHead:
+        """Fit the estimator on features ``h`` ``(N, ...)`` and labels ``y`` ``(N,)``."""
+        z = self.features(h).cpu().numpy()
+        self.estimator.fit(z, y.cpu().numpy())  # type: ignore[attr-defined]
+        self._dim = z.shape[1]
+        self.fitted = True
+        return self
+
+    def forward(self, h: Tensor) -> Tensor:
+        if not self.fitted:
+            raise ConfigError(
+                "this SklearnHead is not fitted yet: call head.fit(h, y), or train with "
+                "strategy 'heads' and the sklearn option"
+            )
+        z = self.features(h).cpu().numpy()
+        proba = self.estimator.predict_proba(z)  # type: ignore[attr-defined]
+        classes = torch.as_tensor(self.estimator.classes_, dtype=torch.long)  # type: ignore[attr-defined]
+        out = torch.full((h.shape[0], self.num_classes), math.log(1e-12))
+        out[:, classes] = torch.from_numpy(proba).float().clamp_min(1e-12).log()
+        return out.to(h.device)
+
+    def extra_flops(self, batch: int) -> int:
+        """Estimated FLOPs of ``predict_proba`` on ``batch`` samples (what the estimator does
+        per sample: a dot product per class for linear models, one comparison per tree level,
+        a kernel evaluation per support vector)."""
+        d, c = max(self._dim, 1), self.num_classes
+        est = self.estimator
+        steps = getattr(est, "steps", None)
+        if steps:
+            est = steps[-1][1]
+            d_scale = 2 * d  # the scaler
+        else:
+            d_scale = 0
+        if hasattr(est, "coef_"):
+            per = 2 * d * c
+        elif hasattr(est, "support_vectors_"):
+            per = 3 * d * len(est.support_vectors_)
+        elif hasattr(est, "estimators_"):
+            per = sum(t.get_depth() for t in est.estimators_) + c * len(est.estimators_)
+        elif hasattr(est, "get_depth"):
+            per = est.get_depth() + c
+        else:
+            per = 2 * d * c
+        return int(batch * (per + d_scale))
+
+    def get_extra_state(self) -> dict[str, object]:
+        return {"estimator": self.estimator, "fitted": self.fitted, "dim": self._dim}
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        self.estimator = state["estimator"]
+        self.fitted = bool(state["fitted"])
+        self._dim = int(state["dim"])  # type: ignore[arg-type]

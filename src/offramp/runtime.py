@@ -139,6 +139,17 @@ class EarlyExitRuntime:
             raise ConfigError(f"unknown runtime mode {mode!r}; choose one of {MODES}")
         if mode == "script" and example_input is None:
             raise ConfigError("mode='script' traces each stage: pass example_input=x[:2]")
+        if mode == "script":
+            untraceable = [
+                f"{name} ({type(m).__name__})"
+                for name, m in net.named_modules()
+                if getattr(m, "traceable", True) is False
+            ]
+            if untraceable:
+                raise ConfigError(
+                    f"mode='script' cannot trace {', '.join(untraceable)}: they compute outside "
+                    "torch (e.g. scikit-learn heads); use mode='eager'"
+                )
         self.net = net.eval()
         self.policy = policy
         self.mode = mode

@@ -44,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "save_checkpoint",
+    "tagged_checkpoint",
 ]
 
 log = logging.getLogger("offramp.training")
@@ -180,25 +181,30 @@ def _lr_at(cfg: FitConfig, epoch: int) -> float:
 
 
 def _batches(
-    data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+    data: tuple[Tensor, ...] | Iterable[tuple[Tensor, ...]],
     bs: int,
     gen: torch.Generator,
     rank: int = 0,
     world: int = 1,
 ) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
-    """Shuffled mini-batches of ``bs`` samples; with ``world > 1`` each rank gets its contiguous
+    """Shuffled mini-batches of ``bs`` samples (of every tensor in ``data``: ``(X, y)`` or
+    ``(X, y, extra…)``); with ``world > 1`` each rank gets its contiguous
     share of every global batch (all ranks draw the same permutation from the same seed)."""
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        x, y = data
-        perm = torch.randperm(x.shape[0], generator=gen)
-        starts = range(0, x.shape[0], bs)
+    if isinstance(data, tuple) and len(data) >= 2 and all(isinstance(t, Tensor) for t in data):
+        n = data[0].shape[0]
+        if any(t.shape[0] != n for t in data):
+            raise ConfigError(
+                f"training tensors disagree on the number of samples: {[t.shape[0] for t in data]}"
+            )
+        perm = torch.randperm(n, generator=gen)
+        starts = range(0, n, bs)
 
-        def gen_batches() -> Iterator[tuple[Tensor, Tensor]]:
+        def gen_batches() -> Iterator[tuple[Tensor, ...]]:
             for s in starts:
                 idx = perm[s : s + bs]
                 if world > 1:
                     idx = idx.tensor_split(world)[rank]
-                yield x[idx], y[idx]
+                yield tuple(t[idx] for t in data)
 
         return gen_batches(), len(starts)
     if world > 1:
@@ -209,13 +215,26 @@ def _batches(
     return data, (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
 
 
+def tagged_checkpoint(checkpoint: str | Path | None, tag: str) -> str | None:
+    """``checkpoint`` with ``.tag`` before its suffix: one file per fit of a multi-fit run.
+
+    Example:
+        >>> tagged_checkpoint("runs/ckpt.pt", "stage1")
+        'runs/ckpt.stage1.pt'
+    """
+    if checkpoint is None:
+        return None
+    p = Path(checkpoint)
+    return str(p.with_name(f"{p.stem}.{tag}{p.suffix or '.pt'}"))
+
+
 def _hook(strategy: object, name: str) -> Callable[..., Any] | None:
     return getattr(strategy, name, None)
 
 
 def fit(
     net: MultiExitNetwork,
-    train: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+    train: tuple[Tensor, ...] | Iterable[tuple[Tensor, ...]],
     config: FitConfig | None = None,
     *,
     strategy: Strategy | None = None,
@@ -230,7 +249,8 @@ def fit(
 
     Args:
         net: the network; trained in place.
-        train: ``(X, y)`` tensors (shuffled by the loop) or a re-iterable of batches.
+        train: ``(X, y)`` tensors (shuffled by the loop; more aligned tensors may follow ``y``)
+            or a re-iterable of batches.
         config: loop settings (:class:`FitConfig`).
         strategy: object with ``step(net, batch) -> {"loss", "exit_losses", "correct"}`` and
             optional hooks (see :class:`Strategy`).

@@ -1,0 +1,217 @@
+"""Every training strategy by name, behind one call: :func:`train`.
+
+====================  =========================================================  ==========
+name                  what it trains                                             survey
+====================  =========================================================  ==========
+``joint``             all exits at once, ``J_L + Σ λ_i J_i``                     eq. 6–7
+``combined``          a trainable mix of the exits' outputs (+ joint)            eq. 8
+``gated``             recursive confidence gates (+ joint)                       eq. 9
+``cost``              gates + ``β ·`` soft expected cost                         eq. 13–14
+``layerwise``         block by block, frozen prefix cached                       §5.3
+``heads``             backbone first, then heads on frozen features              §5.4
+``freezeout``         per-block cosine lr reaching 0 at freezing points          eq. 10
+``distill``           early exits distil the final exit                          (ZTW)
+``local``             each block by its own fixed random classifier              §7.1
+``ib``                layer-wise with an HSIC information-bottleneck loss        eq. 15
+====================  =========================================================  ==========
+
+``options`` holds the strategy's own settings (``beta``, ``mode``, ``temperature`` …); see
+:data:`OPTIONS` for what each name accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from offramp.errors import ConfigError
+from offramp.network import MultiExitNetwork
+from offramp.training.joint import (
+    JointTraining,
+    Schedule,
+    constant,
+    inception,
+    linear_in_depth,
+    sdn_growing,
+)
+from offramp.training.loop import EpochLog, FitConfig, fit
+
+__all__ = [
+    "OPTIONS",
+    "SCHEDULES",
+    "STRATEGIES",
+    "make_schedule",
+    "make_strategy",
+    "train",
+]
+
+STRATEGIES = (
+    "joint",
+    "combined",
+    "gated",
+    "cost",
+    "layerwise",
+    "heads",
+    "freezeout",
+    "distill",
+    "local",
+    "ib",
+)
+
+#: The λ schedules of eq. 6–7 by name; each takes one optional number (``value`` / ``top``).
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "constant": constant,
+    "inception": inception,
+    "linear": linear_in_depth,
+    "sdn": sdn_growing,
+}
+
+#: Options each strategy accepts (default value in parentheses in the docs of each class).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "joint": ("schedule", "schedule_value"),
+    "combined": ("mode", "exit_weight", "schedule", "schedule_value"),
+    "gated": ("exit_weight", "schedule", "schedule_value"),
+    "cost": ("beta", "exit_weight", "schedule", "schedule_value"),
+    "layerwise": ("cache", "cache_dir", "memory_budget_mb", "epochs_per_stage"),
+    "heads": (
+        "train_backbone",
+        "head_epochs",
+        "sklearn",
+        "cache",
+        "cache_dir",
+        "memory_budget_mb",
+    ),
+    "freezeout": ("t0", "spacing", "scale_lr", "schedule", "schedule_value"),
+    "distill": ("temperature", "alpha", "schedule", "schedule_value"),
+    "local": ("feedback_alignment", "pool_size", "seed"),
+    "ib": ("beta", "sigma", "cache", "cache_dir", "memory_budget_mb", "epochs_per_stage"),
+}
+
+
+def make_schedule(name: str = "constant", value: float | None = None) -> Schedule:
+    """A λ schedule by name (:data:`SCHEDULES`), with its one optional number."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown λ schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name]() if value is None else SCHEDULES[name](value)
+
+
+def _check_options(name: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(OPTIONS[name]))
+    if unknown:
+        raise ConfigError(
+            f"strategy {name!r} does not take option(s) {unknown}; it takes {list(OPTIONS[name])}"
+        )
+
+
+def make_strategy(
+    name: str, net: MultiExitNetwork, example_input: Tensor, **options: Any
+) -> object:
+    """The strategy object for one of the step-based strategies, shaped for ``net``.
+
+    ``layerwise``, ``heads`` and ``ib`` are not step objects (they drive several fits); use
+    :func:`train` for them.
+
+    Example:
+        >>> import torch
+        >>> from offramp.models import mlp
+        >>> net = mlp(4, 3, hidden=(8, 8))
+        >>> type(make_strategy("cost", net, torch.randn(2, 4), beta=0.1)).__name__
+        'GatedTraining'
+    """
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose one of {list(STRATEGIES)}")
+    _check_options(name, options)
+    opts = dict(options)
+    sched = make_schedule(opts.pop("schedule", "constant"), opts.pop("schedule_value", None))
+    if name == "joint":
+        return JointTraining(sched)
+    if name == "combined":
+        from offramp.training.combined import CombinedOutput
+
+        return CombinedOutput(net.num_exits, schedule=sched, **opts)
+    if name in ("gated", "cost"):
+        from offramp.costs import profile
+        from offramp.training.gated import GatedTraining
+
+        cumulative = profile(net, example_input[:1]).cumulative.tolist()
+        beta = float(opts.pop("beta", 0.5 if name == "cost" else 0.0))
+        if name == "gated" and beta:
+            raise ConfigError("strategy 'gated' has no cost term; use strategy 'cost' with beta")
+        return GatedTraining.for_network(
+            net, example_input, beta=beta, cumulative=cumulative, schedule=sched, **opts
+        )
+    if name == "distill":
+        from offramp.training.distill import SelfDistillation
+
+        return SelfDistillation(schedule=sched, **opts)
+    if name == "freezeout":
+        from offramp.training.freezeout import Freezeout
+
+        return Freezeout(schedule=sched, **opts)
+    if name == "local":
+        from offramp.training.local import LocalErrorLearning
+
+        return LocalErrorLearning.for_network(net, example_input, **opts)
+    raise ConfigError(f"strategy {name!r} drives several fits; call offramp.training.train")
+
+
+def train(
+    net: MultiExitNetwork,
+    data: tuple[Tensor, Tensor],
+    config: FitConfig | None = None,
+    strategy: str = "joint",
+    *,
+    val: tuple[Tensor, Tensor] | None = None,
+    options: dict[str, Any] | None = None,
+    callbacks: Sequence[Callable[[EpochLog], None]] = (),
+) -> list[EpochLog]:
+    """Train ``net`` in place with the strategy called ``strategy``.
+
+    Args:
+        net: the network.
+        data: training ``(X, y)`` tensors.
+        config: loop settings; ``config.checkpoint`` is the checkpoint file (strategies that
+            run several fits derive one file per fit from it).
+        strategy: one of :data:`STRATEGIES`.
+        val: optional ``(X, y)`` evaluated on every exit after each epoch.
+        options: the strategy's own settings (:data:`OPTIONS`).
+        callbacks: called with every :class:`EpochLog`.
+
+    Returns:
+        The history: one :class:`EpochLog` per epoch (per stage and epoch for the strategies
+        that train stage by stage; ``extra["phase"]`` then says which).
+
+    Example:
+        >>> import torch
+        >>> from offramp.models import mlp
+        >>> net = mlp(4, 3, hidden=(8, 8))
+        >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> cfg = FitConfig(epochs=1, show_progress=False)
+        >>> len(train(net, data, cfg, "distill", options={"temperature": 2.0}))
+        1
+    """
+    cfg = config or FitConfig()
+    opts = dict(options or {})
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    _check_options(strategy, opts)
+    if strategy in ("layerwise", "ib"):
+        from offramp.training.layerwise import fit_layerwise
+
+        return fit_layerwise(
+            net,
+            data,
+            cfg,
+            local_loss="ib" if strategy == "ib" else "ce",
+            val=val,
+            callbacks=callbacks,
+            **opts,
+        )
+    if strategy == "heads":
+        from offramp.training.heads_only import fit_backbone_then_heads
+
+        return fit_backbone_then_heads(net, data, cfg, val=val, callbacks=callbacks, **opts)
+    obj = make_strategy(strategy, net, data[0][:2], **opts)
+    return fit(net, data, cfg, strategy=obj, val=val, callbacks=callbacks)  # type: ignore[arg-type]
