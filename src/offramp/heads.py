@@ -193,6 +193,7 @@ SKLEARN_ESTIMATORS = ("logistic", "tree", "svm", "forest")
 def make_sklearn_estimator(name: str, seed: int = 0) -> object:
     """A fresh scikit-learn classifier by short name (:data:`SKLEARN_ESTIMATORS`)."""
     try:
+        from sklearn.calibration import CalibratedClassifierCV
         from sklearn.ensemble import RandomForestClassifier
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
@@ -208,7 +209,9 @@ def make_sklearn_estimator(name: str, seed: int = 0) -> object:
     if name == "tree":
         return DecisionTreeClassifier(max_depth=12, random_state=seed)
     if name == "svm":
-        return make_pipeline(StandardScaler(), SVC(probability=True, random_state=seed))
+        return make_pipeline(
+            StandardScaler(), CalibratedClassifierCV(SVC(random_state=seed), ensemble=False)
+        )
     if name == "forest":
         return RandomForestClassifier(n_estimators=50, max_depth=12, random_state=seed, n_jobs=1)
     raise ConfigError(f"unknown scikit-learn head {name!r}; choose one of {SKLEARN_ESTIMATORS}")
@@ -288,6 +291,9 @@ class SklearnHead(nn.Module):
             d_scale = 2 * d  # the scaler
         else:
             d_scale = 0
+        calibrated = getattr(est, "calibrated_classifiers_", None)
+        if calibrated:
+            est = calibrated[0].estimator
         if hasattr(est, "coef_"):
             per = 2 * d * c
         elif hasattr(est, "support_vectors_"):

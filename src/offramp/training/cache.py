@@ -110,15 +110,35 @@ def cache_outputs(
     n = x.shape[0]
     if n == 0:
         raise ConfigError(f"nothing to cache for {tag}: the data is empty")
+    starts = range(0, n, batch_size)
+    outs: list[Tensor] = []
     with torch.no_grad():
-        first = fn(x[:1])
+        bar = progress(starts, total=len(starts), desc=f"caching {tag}", enabled=show_progress)
+        for s in bar:
+            got = fn(x[s : s + batch_size])
+            if not outs:  # allocate from the first batch's shapes (no extra probe call)
+                outs = _allocate(got, n, tag, store, mode, memory_budget_mb, cache_dir)
+            for buf, t in zip(outs, got, strict=True):
+                buf[s : s + t.shape[0]] = t
+    return tuple(outs)
+
+
+def _allocate(
+    first: tuple[Tensor, ...],
+    n: int,
+    tag: str,
+    store: FeatureStore,
+    mode: str,
+    memory_budget_mb: float,
+    cache_dir: str | None,
+) -> list[Tensor]:
     nbytes = sum(n * math.prod(t.shape[1:]) * t.element_size() for t in first)
     mb = nbytes / 2**20
     if mode == "auto":
         mode = "memory" if mb <= memory_budget_mb else "disk"
         if mode == "disk":
             log.warning(
-                "cached features for %s need %.0f MB, over the %.0f MB memory budget: spilling "
+                "cached features for %s need %.1f MB, over the %.1f MB memory budget: spilling "
                 "to disk (%s); raise memory_budget_mb to keep them in RAM, or use "
                 "cache='recompute' to recompute the frozen prefix instead",
                 tag,
@@ -136,9 +156,4 @@ def cache_outputs(
             dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
             mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
             outs.append(torch.from_numpy(mm))
-    starts = range(0, n, batch_size)
-    with torch.no_grad():
-        for s in progress(starts, total=len(starts), desc=f"caching {tag}", enabled=show_progress):
-            for buf, t in zip(outs, fn(x[s : s + batch_size]), strict=True):
-                buf[s : s + t.shape[0]] = t
-    return tuple(outs)
+    return outs

@@ -136,9 +136,7 @@ def make_strategy(
         from offramp.training.gated import GatedTraining
 
         cumulative = profile(net, example_input[:1]).cumulative.tolist()
-        beta = float(opts.pop("beta", 0.5 if name == "cost" else 0.0))
-        if name == "gated" and beta:
-            raise ConfigError("strategy 'gated' has no cost term; use strategy 'cost' with beta")
+        beta = float(opts.pop("beta", 0.5)) if name == "cost" else 0.0
         return GatedTraining.for_network(
             net, example_input, beta=beta, cumulative=cumulative, schedule=sched, **opts
         )
