@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from offramp.errors import OfframpError
+from offramp.errors import ConfigError, OfframpError
 
 __all__ = ["main"]
 
@@ -31,6 +31,42 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"\nresults written to {args.json}")
     if args.plot:
         print(f"plot written to {args.plot}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from offramp.training.job import format_summary, launch, load_config, run_training
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be ≥ 1, got {args.nproc}")
+    cfg = load_config(args.config)  # checked here, before any rank starts
+    overrides: dict[str, object] = {}
+    flags: list[str] = []  # the same overrides for the ranks of a distributed run
+    if args.output_dir is not None:
+        overrides["output_dir"] = args.output_dir
+        flags.append(f"--output-dir={args.output_dir}")
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+        flags.append(f"--epochs={args.epochs}")
+    if args.quiet:
+        overrides["show_progress"] = False
+        flags.append("--quiet")
+    cfg = dataclasses.replace(cfg, **overrides)
+    if args.nproc > 1:
+        code = launch(args.config, args.nproc, flags, verbose=args.verbose)
+        if code != 0:
+            print(
+                f"offramp: error: distributed training failed (torchrun exit code {code}); "
+                "the ranks' errors are above",
+                file=sys.stderr,
+            )
+        return code
+    metrics = run_training(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(format_summary(metrics, cfg.output_dir))
     return 0
 
 
@@ -61,6 +97,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    train = sub.add_parser(
+        "train",
+        help="train a multi-exit network as a YAML/JSON config describes (see configs/README.md)",
+    )
+    train.add_argument("config", help="config file (.yaml, .yml or .json)")
+    train.add_argument(
+        "--nproc", type=int, default=1, help="ranks to train on with DDP (torchrun); default 1"
+    )
+    train.add_argument("--output-dir", metavar="DIR", help="override the config's output_dir")
+    train.add_argument("--epochs", type=int, help="override the config's epochs")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_train)
     return p
 
 

@@ -1,8 +1,8 @@
 """Distributed training on PyTorch DDP (gloo on CPU, nccl where there are GPUs).
 
 :func:`~offramp.training.loop.fit` checks :func:`world_info`: when ``torch.distributed`` is
-initialised with more than one rank it wraps the network in ``DistributedDataParallel`` (with
-``find_unused_parameters=True``, so exits a strategy leaves unused do not stall the reducer),
+initialised with more than one rank it wraps the network in ``DistributedDataParallel`` (exits
+a strategy declares unused — ``used_exits`` — come back detached and DDP skips their heads),
 gives each rank its share of every global batch, averages the gradients of a strategy's own
 parameters (gates, mixing weights) by hand, sums the epoch statistics over ranks, and writes
 checkpoints from rank 0 only.
@@ -14,7 +14,7 @@ tests, with :func:`torch.multiprocessing.spawn` and :func:`init_process_group` o
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from offramp.errors import ConfigError
+from offramp.network import ExitOutputs
 
 __all__ = [
     "DDPNet",
@@ -98,6 +99,25 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
         p.grad /= world
 
 
+class _PlainOutputs(nn.Module):
+    """The network with plain-tuple outputs, which DDP can trace through (it does not look
+    inside :class:`~offramp.network.ExitOutputs`); exits outside ``used`` come back detached,
+    so DDP sees their heads as unused instead of waiting for their gradients."""
+
+    def __init__(self, net: nn.Module, used: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.used = None if used is None else {int(i) % net.num_exits for i in used}
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Any:
+        out = self.net(x, **kwargs)
+        feats, outs = out if kwargs.get("return_features") else (None, out)
+        logits = tuple(
+            o if self.used is None or i in self.used else o.detach() for i, o in enumerate(outs)
+        )
+        return logits if feats is None else (tuple(feats), logits)
+
+
 class DDPNet:
     """The network as a strategy sees it under DDP: calls go through ``DistributedDataParallel``
     (so gradients are synchronised), attributes (``num_exits``, ``stages`` …) come from the
@@ -107,19 +127,32 @@ class DDPNet:
         self._net = net
         self._ddp = ddp
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._ddp(*args, **kwargs)
+    def __call__(self, x: Tensor, **kwargs: Any) -> Any:
+        out = self._ddp(x, **kwargs)
+        if kwargs.get("return_features"):
+            return out[0], ExitOutputs(out[1])
+        return ExitOutputs(out)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._net, name)
 
 
 def ddp_wrap(net: nn.Module, strategy: object) -> DDPNet:
-    """Wrap ``net`` in DDP for ``strategy``; refuse strategies that say they cannot run there."""
+    """Wrap ``net`` in DDP for ``strategy``; refuse strategies that say they cannot run there.
+
+    A strategy whose loss leaves some exits out says which exits it uses with a
+    ``used_exits`` attribute (a sequence of exit indices): the other exits' logits then come
+    back detached, and DDP (with ``find_unused_parameters=True``) marks their heads as unused
+    instead of waiting for gradients that never come. Strategies that freeze parts of the
+    network while training set ``ddp_compatible = False``.
+    """
     if getattr(strategy, "ddp_compatible", True) is False:
         raise ConfigError(
             f"{type(strategy).__name__} cannot run under DDP (it changes which parameters "
             "train while training); run it in one process"
         )
-    ddp = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    used = getattr(strategy, "used_exits", None)
+    ddp = nn.parallel.DistributedDataParallel(
+        _PlainOutputs(net, used), find_unused_parameters=used is not None
+    )
     return DDPNet(net, ddp)

@@ -61,6 +61,9 @@ class Strategy(Protocol):
       overwriting the learning rates it sets;
     - ``configure_optimizer(net, config) -> Optimizer`` — own parameter groups.
 
+    Attributes read if present: ``used_exits`` (exit indices the loss uses; under DDP the
+    others are treated as unused) and ``ddp_compatible = False`` (refuse to run under DDP).
+
     A strategy that is itself an ``nn.Module`` (gates, mixing weights) has its parameters
     trained with the network's and its state saved in the checkpoint. Any further 0-d tensors
     in the returned dict are averaged over the epoch into :attr:`EpochLog.extra`.
@@ -334,7 +337,7 @@ def fit(
             if on_batch is not None:
                 assert iteration is not None and per_epoch is not None
                 on_batch(net, opt, iteration, cfg.epochs * per_epoch)
-            out = strategy.step(model, batch)
+            out = _step(strategy, model, batch, world)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise ConfigError(
@@ -384,6 +387,21 @@ def fit(
     if isinstance(strategy, nn.Module):
         strategy.eval()
     return history
+
+
+def _step(strategy: Strategy, model: Any, batch: tuple[Tensor, ...], world: int) -> Any:
+    if world == 1:
+        return strategy.step(model, batch)
+    try:
+        return strategy.step(model, batch)
+    except RuntimeError as exc:
+        if "finished reduction in the prior iteration" not in str(exc):
+            raise
+        raise ConfigError(
+            f"DDP waited for gradients that never came: {type(strategy).__name__} leaves some "
+            "exits out of its loss. Declare the exits it uses, e.g. used_exits = (-1,) on the "
+            "strategy, so their heads are treated as unused"
+        ) from exc
 
 
 class _EpochSums:

@@ -1,0 +1,776 @@
+"""``offramp train CONFIG``: one training run described by a config file, with its results on
+disk.
+
+A run reads a :class:`TrainConfig` (YAML or JSON), loads the data, builds the network, trains it
+with any strategy of :data:`offramp.training.registry.STRATEGIES` and writes into
+``output_dir``:
+
+==================  ============================================================================
+``config.yaml``     the resolved config (every default filled in); needs pyyaml
+``config.json``     the same, always written
+``checkpoint.pt``   the fit loop's checkpoint: re-running the same command resumes from it
+``history.csv``     one row per epoch: epoch, phase, loss, seconds, per-exit loss / train / val
+                    accuracy, then the strategy's extra statistics (empty cell = no value)
+``history.json``    the same rows as a JSON list (``null`` = no value)
+``model.pt``        the trained weights and the config that rebuilds the network
+                    (:func:`load_model`)
+``metrics.json``    per-exit test accuracy, final accuracy, training time, number of exits
+==================  ============================================================================
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every rank trains its share of each
+batch with DDP and only rank 0 writes files; :func:`launch` starts such a run on this machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import io
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from offramp.data.digits import Splits
+from offramp.errors import ConfigError, DataError
+from offramp.network import MultiExitNetwork
+from offramp.training.loop import EpochLog, FitConfig, load_checkpoint
+
+__all__ = [
+    "DATASETS",
+    "TrainConfig",
+    "build_network",
+    "format_summary",
+    "launch",
+    "load_config",
+    "load_datasets",
+    "load_model",
+    "run_training",
+]
+
+#: Datasets a config may name. ``digits`` ships with scikit-learn; the others are IDX files.
+DATASETS = ("digits", "mnist", "fashion-mnist")
+
+#: Share of scikit-learn digits held out (stratified) as the test split, as in ``offramp demo``.
+DIGITS_TEST_FRACTION = 0.2
+
+# Keys that may differ between a run and the run it resumes.
+_RESUME_FREE = ("output_dir", "resume", "show_progress", "data_dir")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one ``offramp train`` run needs; the YAML/JSON config file holds these keys.
+
+    Attributes:
+        strategy: training strategy, any name in
+            :data:`offramp.training.registry.STRATEGIES` (``joint``, ``distill`` …).
+        options: the strategy's own settings (see
+            :data:`offramp.training.registry.OPTIONS`), passed as ``options=`` to
+            :func:`offramp.training.train`.
+        dataset: ``"digits"`` (scikit-learn, 8×8), ``"mnist"`` or ``"fashion-mnist"`` (28×28
+            IDX files).
+        data_dir: for ``mnist`` / ``fashion-mnist``, the directory holding the IDX files;
+            default ``$OFFRAMP_DATA/<dataset>``. Must be unset for ``digits``.
+        train_limit: keep only the first ``train_limit`` training samples (before the
+            validation split is held out of them); ``None`` keeps all.
+        val_fraction: share of the training samples held out, stratified by class and seeded
+            by ``seed``, to report per-exit validation accuracy after every epoch; ``0`` for
+            none. For ``digits`` the test split is a fixed stratified 20 % of the 1,797 images.
+        backbone: reference network, a name in :data:`offramp.models.MODELS` (``blenet``,
+            ``mlp``).
+        exits: block indices that carry early exits (``blenet``: any of 0, 1, 2); ``None``
+            keeps the backbone's default. ``mlp`` has an exit after every hidden layer and
+            accepts no ``exits``.
+        head: head of the early exits, a name in :data:`offramp.heads.HEADS`; ``None`` keeps
+            the backbone's default (``conv`` for ``blenet``, ``linear`` for ``mlp``).
+        epochs: passes over the training data.
+        batch_size: samples per optimiser step (global: split over ranks under DDP).
+        lr: learning rate.
+        weight_decay: L2 penalty (decoupled for Adam: AdamW).
+        optimizer: ``"adam"`` (AdamW) or ``"sgd"`` (with momentum).
+        lr_schedule: ``"constant"`` or ``"cosine"``.
+        seed: seeds the validation split, initialisation and training.
+        output_dir: where the run writes its files (see the module docstring).
+        resume: continue from ``output_dir/checkpoint.pt`` when it exists.
+        show_progress: show a progress bar per epoch.
+
+    Example:
+        >>> cfg = TrainConfig.from_dict({"strategy": "distill", "epochs": 3, "lr": "3e-3"})
+        >>> cfg.epochs, cfg.lr, cfg.backbone
+        (3, 0.003, 'blenet')
+    """
+
+    strategy: str = "joint"
+    options: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    train_limit: int | None = None
+    val_fraction: float = 0.1
+    backbone: str = "blenet"
+    exits: list[int] | None = None
+    head: str | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    lr_schedule: str = "constant"
+    seed: int = 0
+    output_dir: str = "runs/train"
+    resume: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        from offramp.heads import HEADS
+        from offramp.models import MODELS
+        from offramp.training.registry import OPTIONS, STRATEGIES
+
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("backbone", self.backbone, tuple(MODELS))
+        _choice("optimizer", self.optimizer, ("adam", "sgd"))
+        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        if self.head is not None:
+            _choice("head", self.head, tuple(sorted(HEADS)))
+        allowed = OPTIONS.get(self.strategy, ())
+        for key in self.options:
+            if key not in allowed:
+                raise ConfigError(
+                    f"strategy {self.strategy!r} does not take option {key!r}"
+                    f"{_did_you_mean(key, allowed)}; it takes {list(allowed)}"
+                )
+        limit_ok = self.train_limit is None or self.train_limit >= 2
+        for name, value, ok, want in (
+            ("epochs", self.epochs, self.epochs >= 1, "≥ 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, "≥ 1"),
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, "≥ 0"),
+            ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
+            ("train_limit", self.train_limit, limit_ok, "≥ 2 or null"),
+        ):
+            if not ok:
+                raise ConfigError(f"{name} must be {want}, got {value!r}")
+        if self.exits is not None and len(set(self.exits)) != len(self.exits):
+            raise ConfigError(f"exits lists a block twice: {self.exits}")
+        if self.dataset == "digits" and self.data_dir is not None:
+            raise ConfigError(
+                "dataset 'digits' comes with scikit-learn and reads no files; remove data_dir"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build a config from a mapping (a parsed YAML/JSON file), checking keys and types.
+
+        Numbers written as strings (YAML reads ``1e-3`` as a string) are converted.
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid ones), a value of the
+                wrong type, or an invalid value.
+
+        Example:
+            >>> TrainConfig.from_dict({"epoch": 5})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            offramp.errors.ConfigError: unknown config key 'epoch' (did you mean 'epochs'?); ...
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"a training config is a mapping of keys to values, got {type(d).__name__}"
+            )
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown config key {key!r}{_did_you_mean(str(key), names)}; valid keys "
+                    f"are {names}"
+                )
+            kwargs[key] = _convert(key, value, hints[key])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain Python values (what :meth:`from_dict` reads back).
+
+        Example:
+            >>> TrainConfig.from_dict(TrainConfig(epochs=2).to_dict()) == TrainConfig(epochs=2)
+            True
+        """
+        d = asdict(self)
+        d["options"] = dict(self.options)
+        return d
+
+    def fit_config(self) -> FitConfig:
+        """The :class:`~offramp.training.loop.FitConfig` of this run (checkpoint in
+        ``output_dir``)."""
+        return FitConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+            lr_schedule=self.lr_schedule,
+            seed=self.seed,
+            checkpoint=str(Path(self.output_dir) / "checkpoint.pt"),
+            resume=self.resume,
+            show_progress=self.show_progress,
+        )
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"unknown {name} {value!r}{_did_you_mean(str(value), choices)}; choose one of "
+            f"{list(choices)}"
+        )
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (the field's annotation), or a ConfigError naming ``key``."""
+    args = typing.get_args(tp)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_convert(f"{key}[{k}]", v, item) for k, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return dict(value)
+    raise AssertionError(f"no converter for {key}: {tp}")  # pragma: no cover
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError as exc:
+        raise ConfigError(
+            "reading or writing YAML needs pyyaml: pip install 'offramp[config]' (or use a "
+            ".json config)"
+        ) from exc
+    return yaml
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a :class:`TrainConfig` from a ``.yaml`` / ``.yml`` (needs pyyaml) or ``.json`` file.
+
+    An empty file gives the defaults.
+
+    Example:
+        >>> import json, tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = Path(d) / "run.json"
+        ...     _ = p.write_text(json.dumps({"epochs": 2, "strategy": "distill"}))
+        ...     load_config(p).strategy
+        'distill'
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError(
+            f"config {path} must end in .yaml, .yml or .json (the suffix picks the parser)"
+        )
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    if suffix == ".json":
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    else:
+        yaml = _yaml()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    try:
+        return TrainConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def _data_dir(cfg: TrainConfig) -> Path:
+    if cfg.data_dir is not None:
+        path = Path(cfg.data_dir)
+        how = f"data_dir is {cfg.data_dir!r}"
+    elif os.environ.get("OFFRAMP_DATA"):
+        path = Path(os.environ["OFFRAMP_DATA"]) / cfg.dataset
+        how = f"data_dir is unset and OFFRAMP_DATA is {os.environ['OFFRAMP_DATA']!r}"
+    else:
+        raise ConfigError(
+            f"dataset {cfg.dataset!r} needs its IDX files: set data_dir in the config to the "
+            f"directory holding them, or set OFFRAMP_DATA to a directory with a {cfg.dataset}/ "
+            "subdirectory"
+        )
+    if not path.is_dir():
+        raise DataError(
+            f"{cfg.dataset} directory {path} does not exist ({how}); point data_dir or "
+            "OFFRAMP_DATA at the files (train-images-idx3-ubyte[.gz] …)"
+        )
+    return path
+
+
+def _holdout(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices ``(keep, held_out)``: a seeded split stratified by class, ``round(fraction·N)``
+    (at least one) samples held out, both in their original order."""
+    n = y.shape[0]
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise ConfigError(
+            f"val_fraction {fraction} of {n} training samples leaves none to train on; lower "
+            "val_fraction or raise train_limit"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = perm[torch.argsort(y[perm], stable=True)]  # grouped by class, random within
+    pos = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long()  # evenly spaced
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[pos]] = True
+    return (~mask).nonzero().squeeze(1), mask.nonzero().squeeze(1)
+
+
+def load_datasets(cfg: TrainConfig) -> Splits:
+    """The train, validation and test ``(X, y)`` tensors of ``cfg`` (validation may be empty:
+    zero rows when ``val_fraction`` is 0).
+
+    Example:
+        >>> s = load_datasets(TrainConfig(train_limit=100, val_fraction=0.2))
+        >>> len(s.train[1]), len(s.val[1]), tuple(s.test[0].shape[1:])
+        (80, 20, (1, 8, 8))
+    """
+    if cfg.dataset == "digits":
+        from offramp.data import load_digits_splits
+
+        # Every image outside the stratified test split is a training sample.
+        s = load_digits_splits(val_fraction=0.2, test_fraction=DIGITS_TEST_FRACTION, seed=0)
+        x = torch.cat([s.train[0], s.val[0]])
+        y = torch.cat([s.train[1], s.val[1]])
+        if cfg.train_limit is not None:
+            x, y = x[: cfg.train_limit], y[: cfg.train_limit]
+        test = s.test
+    else:
+        from offramp.data import load_mnist
+
+        root = _data_dir(cfg)
+        x, y = load_mnist(root, "train", limit=cfg.train_limit)
+        test = load_mnist(root, "test")
+    if cfg.val_fraction > 0:
+        keep, held = _holdout(y, cfg.val_fraction, cfg.seed)
+        return Splits((x[keep], y[keep]), (x[held], y[held]), test)
+    return Splits((x, y), (x[:0], y[:0]), test)
+
+
+# -------------------------------------------------------------------------------- network
+
+
+def build_network(cfg: TrainConfig, in_size: int, num_classes: int) -> MultiExitNetwork:
+    """The network ``cfg`` names, initialised from ``cfg.seed``.
+
+    Example:
+        >>> build_network(TrainConfig(exits=[1]), 8, 10).exit_blocks
+        (1, 3)
+    """
+    from offramp.models import MODELS, blenet, mlp
+
+    if cfg.backbone == "blenet":
+        exits = (0, 1) if cfg.exits is None else tuple(cfg.exits)
+        if not all(0 <= e <= 2 for e in exits):
+            raise ConfigError(
+                f"blenet takes early exits after blocks 0, 1 and 2 (3 is the final exit), got "
+                f"exits {list(exits)}"
+            )
+        return blenet(
+            in_size, num_classes, exits_after=exits, head=cfg.head or "conv", seed=cfg.seed
+        )
+    if cfg.exits is not None:
+        raise ConfigError(
+            f"backbone {cfg.backbone!r} has fixed exits (mlp: one after every hidden layer); "
+            "remove `exits` from the config"
+        )
+    if cfg.backbone == "mlp":
+        return mlp(
+            (1, in_size, in_size),
+            num_classes,
+            hidden=(64, 64, 64),
+            head=cfg.head or "linear",
+            seed=cfg.seed,
+        )
+    if cfg.head is not None:
+        raise ConfigError(f"backbone {cfg.backbone!r} has fixed heads; remove `head`")
+    torch.manual_seed(cfg.seed)
+    return MODELS[cfg.backbone](in_size, num_classes)
+
+
+def _resolved(cfg: TrainConfig, net: MultiExitNetwork) -> TrainConfig:
+    """``cfg`` with the defaults that depend on the backbone and the environment filled in."""
+    updates: dict[str, Any] = {}
+    if cfg.backbone == "blenet":
+        updates["exits"] = list(net.exit_blocks[:-1])
+        updates["head"] = cfg.head or "conv"
+    elif cfg.backbone == "mlp":
+        updates["head"] = cfg.head or "linear"
+    if cfg.dataset != "digits":
+        updates["data_dir"] = str(_data_dir(cfg))
+    return dataclasses.replace(cfg, **updates)
+
+
+def load_model(path: str | Path) -> MultiExitNetwork:
+    """Rebuild the network saved as ``model.pt`` by :func:`run_training` (in eval mode)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise DataError(
+            f"{path} is not a model written by `offramp train` ({type(exc).__name__}: {exc})"
+        ) from exc
+    cfg = TrainConfig.from_dict(state["config"])
+    net = build_network(cfg, int(state["in_size"]), int(state["num_classes"]))
+    net.load_state_dict(state["state_dict"])
+    return net.eval()
+
+
+# -------------------------------------------------------------------------------- outputs
+
+
+def _clean(v: Any) -> Any:
+    """NaN and ±inf -> None (JSON null / empty CSV cell)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _row(log: EpochLog, num_exits: int) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "epoch": log.epoch,
+        "phase": log.extra.get("phase", ""),
+        "loss": log.loss,
+        "seconds": log.seconds,
+    }
+    val = log.val_exit_accuracy or []
+    for i in range(max(num_exits, len(log.exit_losses))):
+        row[f"exit{i}_loss"] = log.exit_losses[i] if i < len(log.exit_losses) else None
+        row[f"exit{i}_train_acc"] = log.exit_accuracy[i] if i < len(log.exit_accuracy) else None
+        row[f"exit{i}_val_acc"] = val[i] if i < len(val) else None
+    for k in sorted(log.extra):
+        if k != "phase":
+            row[k] = log.extra[k]
+    return {k: _clean(v) for k, v in row.items()}
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    cols: list[str] = ["epoch", "phase", "loss", "seconds"]
+    exit_cols = {k for r in rows for k in r if k.startswith("exit") and "_" in k}
+    n = 1 + max((int(k[4 : k.index("_")]) for k in exit_cols), default=-1)
+    for i in range(n):
+        cols += [f"exit{i}_loss", f"exit{i}_train_acc", f"exit{i}_val_acc"]
+    cols += sorted({k for r in rows for k in r} - set(cols))
+    return cols
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _write_history(out: Path, rows: list[dict[str, Any]]) -> None:
+    cols = _columns(rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else r[c] for c in cols])
+    _write_atomic(out / "history.csv", buf.getvalue())
+    _write_json(out / "history.json", [{c: r.get(c) for c in cols} for r in rows])
+
+
+def _write_config(out: Path, cfg: TrainConfig) -> None:
+    d = cfg.to_dict()
+    _write_json(out / "config.json", d)
+    try:
+        import yaml
+    except ImportError:
+        return
+    text = "# resolved config of this run; `offramp train` on this file resumes it\n"
+    _write_atomic(out / "config.yaml", text + yaml.safe_dump(d, sort_keys=False))
+
+
+def _check_resumable(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint in ``out`` that a run with other settings wrote."""
+    if not cfg.resume or not any(out.glob("checkpoint*.pt")) or not (out / "config.json").exists():
+        return
+    try:
+        old = json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    new = cfg.to_dict()
+    diff = sorted(k for k in new if k not in _RESUME_FREE and old.get(k) != new[k])
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
+        raise ConfigError(
+            f"{out} holds a checkpoint of a run with other settings ({changes}); use another "
+            "output_dir, or resume: false to start over there"
+        )
+
+
+def _previous_rows(out: Path, cfg: TrainConfig, num_exits: int) -> list[dict[str, Any]]:
+    """History rows of the run being resumed (rewritten from the returned history at the end)."""
+    if not cfg.resume:
+        return []
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        return [_row(EpochLog(**h), num_exits) for h in load_checkpoint(ckpt)["history"]]
+    if (out / "history.json").exists():  # strategies with one checkpoint per fit
+        try:
+            return list(json.loads((out / "history.json").read_text()))
+        except (OSError, json.JSONDecodeError):
+            return []
+    return []
+
+
+# ---------------------------------------------------------------------------------- runs
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the training ``cfg`` describes and write its results into ``cfg.output_dir``.
+
+    Re-running with the same config resumes from ``output_dir/checkpoint.pt`` (a finished run
+    trains no further epochs and rewrites the same results). Under ``torchrun`` (environment
+    ``WORLD_SIZE`` > 1) this joins the process group, trains with DDP, writes files from rank 0
+    only and leaves the group at the end.
+
+    Returns:
+        The metrics also written to ``metrics.json``: ``strategy``, ``dataset``, ``backbone``,
+        ``num_exits``, ``exit_accuracies`` (test accuracy of every exit), ``final_accuracy``,
+        ``train_seconds`` (sum of the epochs' times), ``epochs`` (history rows), ``test_samples``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     cfg = TrainConfig(epochs=1, train_limit=200, output_dir=d, show_progress=False)
+        ...     m = run_training(cfg)
+        ...     sorted(p.name for p in Path(d).iterdir())[:4]
+        ['checkpoint.pt', 'config.json', 'config.yaml', 'history.csv']
+        >>> m["num_exits"], len(m["exit_accuracies"])
+        (3, 3)
+    """
+    import torch.distributed as dist
+
+    from offramp.evaluation import ExitRecord
+    from offramp.training.distributed import barrier, init_process_group, world_info
+    from offramp.training.registry import train
+
+    joined = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+        dist.is_available() and dist.is_initialized()
+    ):
+        init_process_group()
+        joined = True
+    try:
+        rank, _ = world_info()
+        data = load_datasets(cfg)
+        x_train, y_train = data.train
+        num_classes = int(torch.cat([y_train, data.test[1]]).max()) + 1
+        in_size = int(x_train.shape[-1])
+        net = build_network(cfg, in_size, num_classes)
+        cfg = _resolved(cfg, net)
+        out = Path(cfg.output_dir)
+        _check_resumable(out, cfg)
+        barrier()  # every rank has read the old config before rank 0 replaces it
+        rows: list[dict[str, Any]] = []
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_config(out, cfg)
+            rows = _previous_rows(out, cfg, net.num_exits)
+
+        def record(log: EpochLog) -> None:
+            if rank == 0:
+                rows.append(_row(log, net.num_exits))
+                _write_history(out, rows)
+
+        history = train(
+            net,
+            data.train,
+            cfg.fit_config(),
+            cfg.strategy,
+            val=data.val if len(data.val[1]) else None,
+            options=cfg.options,
+            callbacks=[record],
+        )
+        rec = ExitRecord.collect(net, data.test)
+        acc = [float(a) for a in rec.exit_accuracy().tolist()]
+        metrics: dict[str, Any] = {
+            "strategy": cfg.strategy,
+            "dataset": cfg.dataset,
+            "backbone": cfg.backbone,
+            "num_exits": net.num_exits,
+            "exit_accuracies": acc,
+            "final_accuracy": acc[-1],
+            "train_seconds": float(sum(h.seconds for h in history)),
+            "epochs": len(history),
+            "test_samples": len(data.test[1]),
+        }
+        if rank == 0:
+            _write_history(out, [_row(h, net.num_exits) for h in history])
+            model = {
+                "format": 1,
+                "config": cfg.to_dict(),
+                "in_size": in_size,
+                "num_classes": num_classes,
+                "state_dict": net.state_dict(),
+            }
+            torch.save(model, out / "model.pt.tmp")
+            os.replace(out / "model.pt.tmp", out / "model.pt")
+            _write_json(out / "metrics.json", metrics)
+        barrier()
+        return metrics
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def format_summary(metrics: dict[str, Any], output_dir: str | Path) -> str:
+    """The text ``offramp train`` prints: per-exit test accuracy and where the files are.
+
+    Example:
+        >>> print(format_summary({"exit_accuracies": [0.5, 0.75], "train_seconds": 1.0}, "out"))
+        exit  test accuracy
+        ----  -------------
+           0         0.5000
+           1         0.7500
+        <BLANKLINE>
+        trained in 1.0 s; results written to out/
+    """
+    from offramp.report import format_table
+
+    rows = [[i, float(a)] for i, a in enumerate(metrics["exit_accuracies"])]
+    table = format_table(["exit", "test accuracy"], rows)
+    secs = metrics.get("train_seconds", 0.0)
+    return f"{table}\n\ntrained in {secs:.1f} s; results written to {Path(output_dir)}/"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(
+    config_path: str | Path,
+    nproc: int,
+    extra_args: Sequence[str] = (),
+    *,
+    verbose: bool = False,
+) -> int:
+    """Run ``offramp train config_path`` on ``nproc`` local ranks with ``torchrun`` (DDP, gloo
+    on 127.0.0.1, a free port) and wait for it.
+
+    Args:
+        config_path: the config file.
+        nproc: number of ranks (processes).
+        extra_args: further ``offramp train`` flags for every rank (``--epochs 3`` …).
+        verbose: pass ``-v`` (log every epoch).
+
+    Returns:
+        torchrun's exit code (0 when every rank succeeded).
+    """
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be ≥ 1, got {nproc}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "offramp.cli",
+        *(["-v"] if verbose else []),
+        "train",
+        str(config_path),
+        *extra_args,
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(cmd, env=env, check=False).returncode
