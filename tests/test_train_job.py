@@ -222,3 +222,28 @@ def test_idx_dataset_from_data_dir(tmp_path):
     assert m["test_samples"] == 10_000 and m["num_exits"] == 3
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert resolved["head"] == "linear" and resolved["exits"] is None
+
+
+def test_sklearn_heads_survive_model_pt_only_with_allow_pickle(tmp_path):
+    from offramp.errors import DataError
+    from offramp.heads import SklearnHead
+
+    cfg = _write_yaml(
+        tmp_path / "c.yaml",
+        {
+            **SMALL,
+            "strategy": "heads",
+            "options": {"sklearn": "tree"},
+            "epochs": 1,
+            "output_dir": str(tmp_path / "out"),
+        },
+    )
+    assert main(["train", cfg, "--quiet"]) == 0
+    with pytest.raises(DataError, match="allow_pickle=True"):
+        load_model(tmp_path / "out" / "model.pt")
+    net = load_model(tmp_path / "out" / "model.pt", allow_pickle=True)
+    assert isinstance(net.heads[0], SklearnHead) and net.heads[0].fitted
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    data = load_datasets(load_config(tmp_path / "out" / "config.json"))
+    acc = ExitRecord.collect(net, data.test).exit_accuracy().tolist()
+    assert acc == pytest.approx(metrics["exit_accuracies"])

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from torch import Tensor
 
 from offramp.data.digits import Splits
 from offramp.errors import ConfigError, DataError
+from offramp.heads import SklearnHead
 from offramp.network import MultiExitNetwork
 from offramp.training.loop import EpochLog, FitConfig, load_checkpoint
 
@@ -488,17 +490,31 @@ def _resolved(cfg: TrainConfig, net: MultiExitNetwork) -> TrainConfig:
     return dataclasses.replace(cfg, **updates)
 
 
-def load_model(path: str | Path) -> MultiExitNetwork:
-    """Rebuild the network saved as ``model.pt`` by :func:`run_training` (in eval mode)."""
+def load_model(path: str | Path, *, allow_pickle: bool = False) -> MultiExitNetwork:
+    """Rebuild the network saved as ``model.pt`` by :func:`run_training` (in eval mode).
+
+    Args:
+        path: the ``model.pt`` file.
+        allow_pickle: needed for models with scikit-learn heads (strategy ``heads`` with
+            ``sklearn``), whose estimators are pickled; only for files you trust.
+    """
     path = Path(path)
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=not allow_pickle)
+    except pickle.UnpicklingError as exc:
+        raise DataError(
+            f"{path} holds pickled objects (scikit-learn heads?); if you trust the file, load "
+            "it with load_model(path, allow_pickle=True)"
+        ) from exc
     except Exception as exc:
         raise DataError(
             f"{path} is not a model written by `offramp train` ({type(exc).__name__}: {exc})"
         ) from exc
     cfg = TrainConfig.from_dict(state["config"])
-    net = build_network(cfg, int(state["in_size"]), int(state["num_classes"]))
+    num_classes = int(state["num_classes"])
+    net = build_network(cfg, int(state["in_size"]), num_classes)
+    for i in state.get("sklearn_heads", []):
+        net.heads[i] = SklearnHead("logistic", num_classes)  # estimator replaced on load
     net.load_state_dict(state["state_dict"])
     return net.eval()
 
@@ -696,6 +712,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 "in_size": in_size,
                 "num_classes": num_classes,
                 "state_dict": net.state_dict(),
+                "sklearn_heads": [i for i, h in enumerate(net.heads) if isinstance(h, SklearnHead)],
             }
             torch.save(model, out / "model.pt.tmp")
             os.replace(out / "model.pt.tmp", out / "model.pt")
