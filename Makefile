@@ -9,7 +9,7 @@ PY     := $(BIN)/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DATA   ?= ../shared/data
 
-.PHONY: demo test test-slow lint format bench clean
+.PHONY: demo test test-slow lint format bench bench-strategies clean
 
 $(BIN)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ format: $(BIN)/.deps-dev
 
 bench: $(BIN)/.deps-dev
 	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/branchynet_mnist.py --json results/branchynet_mnist.json
+
+bench-strategies: $(BIN)/.deps-dev
+	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/strategies.py --json results/strategies.json
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

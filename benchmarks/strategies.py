@@ -133,6 +133,7 @@ def run_one(
         "exit_accuracies": acc,
         "train_seconds": train_seconds,
         "wall_seconds_this_run": wall,
+        "epoch_seconds": [h.seconds for h in history],
         "relative_cost_at_final_accuracy": best,
         "calibrated": cal,
         "relative_cumulative_cost": (cum / cum[-1]).tolist(),

@@ -38,6 +38,17 @@ def test_ddp_two_ranks_match_single_process(strategy, tmp_path):
         assert torch.equal(r0["heads.0.1.weight"], init["heads.0.1.weight"])
 
 
+def test_ddp_odd_tail_batch_does_not_hang(tmp_path):
+    mp.spawn(
+        _ddp_worker.worker,
+        args=(2, _free_port(), str(tmp_path), "joint_odd_tail"),
+        nprocs=2,
+        join=True,
+    )
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
 def test_undeclared_unused_exits_fail_with_a_hint(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="used_exits"):
         mp.spawn(
@@ -52,6 +63,9 @@ def test_strategies_that_change_trainable_sets_refuse_ddp():
     from offramp.errors import ConfigError
     from offramp.training.distributed import ddp_wrap
     from offramp.training.freezeout import Freezeout
+    from offramp.training.local import LocalErrorLearning
 
-    with pytest.raises(ConfigError, match="cannot run under DDP"):
-        ddp_wrap(_ddp_worker.mlp(4, 2, hidden=(4,)), Freezeout())
+    net = _ddp_worker.mlp(4, 2, hidden=(4,))
+    for strategy in (Freezeout(), LocalErrorLearning.for_network(net, torch.randn(2, 4))):
+        with pytest.raises(ConfigError, match="cannot run under DDP"):
+            ddp_wrap(net, strategy)

@@ -72,6 +72,14 @@ def test_combined_fixed_pools_and_errors():
         CombinedOutput(2, "median")
 
 
+@pytest.mark.parametrize("mode", ["free", "mean", "max"])
+def test_combined_other_modes_train(mode):
+    net = _net()
+    x, y = _data()
+    hist = fit(net, (x, y), _cfg(epochs=3), strategy=CombinedOutput(net.num_exits, mode))
+    assert hist[-1].extra["combined_loss"] < hist[0].extra["combined_loss"]
+
+
 def test_combined_mixing_weights_are_trained():
     net = _net()
     s = CombinedOutput(net.num_exits, "softmax")
@@ -195,7 +203,21 @@ def test_local_error_no_gradient_crosses_blocks(fa):
         loss.backward(retain_graph=True)
         assert all(p.grad is None for b in net.blocks for p in b.parameters())
         assert all(p.grad is not None for p in net.heads[j].parameters())
-    assert len(block_losses) == e
+    assert len(block_losses) == len(net.blocks) == e
+
+
+def test_local_error_cuts_between_blocks_inside_a_stage():
+    net = blenet(8, 4, exits_after=(1,), head="pool", seed=0)  # stage 0 = blocks 0 and 1
+    x, y = _img_data(16)
+    s = LocalErrorLearning.for_network(net, x)
+    block_losses, head_losses, _ = s.local_losses(net, x, y)
+    assert len(block_losses) == len(net.blocks) == 4 and len(head_losses) == 2
+    for j, loss in enumerate(block_losses):
+        net.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        for k, block in enumerate(net.blocks):
+            reached = any(p.grad is not None for p in block.parameters())
+            assert reached == (k == j), f"loss of block {j} reached block {k}: {reached}"
 
 
 def test_feedback_alignment_gradient_uses_the_feedback_matrix():
@@ -358,6 +380,15 @@ def test_sklearn_heads_work_with_policies_costs_and_runtime(estimator, tmp_path)
     assert torch.equal(clone(x).stack(), net(x).stack())
 
 
+def test_sklearn_head_state_keeps_its_pooling():
+    x, y = torch.randn(40, 3, 8, 8), torch.arange(40) % 4
+    head = SklearnHead("logistic", 4, pool_size=4).fit(x, y)
+    other = SklearnHead("tree", 2, pool_size=2)
+    other.set_extra_state(head.get_extra_state())
+    assert other.pool_size == 4 and other.num_classes == 4
+    assert torch.equal(other(x), head(x))
+
+
 # ---------------------------------------------------------------- self-distillation
 
 
@@ -431,6 +462,26 @@ def test_battery_every_strategy(name, tmp_path):
         _run(name, tmp_path, callbacks=[interrupt])
     resumed = _run(name, tmp_path)
     assert torch.equal(resumed(x).stack(), out_a), f"{name} resumed differs from uninterrupted"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "inception", "linear", "sdn"])
+def test_every_schedule_takes_a_value_through_the_registry(schedule):
+    net = _net()
+    s = make_strategy("joint", net, torch.randn(2, 12), schedule=schedule, schedule_value="0.2")
+    s.on_epoch_start(net, 1, 2)
+    assert len(s.weights) == 2 and max(s.weights) <= 0.2 + 1e-12
+
+
+def test_options_from_yaml_strings_are_converted():
+    from offramp.training.registry import coerce_options
+
+    got = coerce_options("ib", {"beta": "1e-2", "epochs_per_stage": "3", "cache": "disk"})
+    assert got == {"beta": 0.01, "epochs_per_stage": 3, "cache": "disk"}
+    assert coerce_options("heads", {"train_backbone": "false"}) == {"train_backbone": False}
+    with pytest.raises(ConfigError, match="'temperature' must be float"):
+        coerce_options("distill", {"temperature": "hot"})
+    with pytest.raises(ConfigError, match="'epochs_per_stage' must be int"):
+        coerce_options("layerwise", {"epochs_per_stage": 1.5})
 
 
 def test_registry_rejects_unknown_names_and_options():

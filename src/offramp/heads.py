@@ -307,9 +307,17 @@ class SklearnHead(nn.Module):
         return int(batch * (per + d_scale))
 
     def get_extra_state(self) -> dict[str, object]:
-        return {"estimator": self.estimator, "fitted": self.fitted, "dim": self._dim}
+        return {
+            "estimator": self.estimator,
+            "fitted": self.fitted,
+            "dim": self._dim,
+            "pool_size": self.pool_size,
+            "num_classes": self.num_classes,
+        }
 
     def set_extra_state(self, state: dict[str, object]) -> None:
         self.estimator = state["estimator"]
         self.fitted = bool(state["fitted"])
         self._dim = int(state["dim"])  # type: ignore[arg-type]
+        self.pool_size = int(state.get("pool_size", self.pool_size))  # type: ignore[arg-type]
+        self.num_classes = int(state.get("num_classes", self.num_classes))  # type: ignore[arg-type]

@@ -4,7 +4,9 @@ Layer-wise and heads-only training run a frozen prefix of the network over the w
 set once and train the next part on the stored outputs, instead of recomputing the prefix every
 epoch. :func:`cache_outputs` stores them in RAM when they fit in ``memory_budget_mb`` and in a
 ``numpy`` memory-mapped file otherwise (``mode="auto"``), and says so in the log; the returned
-tensors index like any other, so the fit loop does not care where they live.
+tensors index like any other, so the fit loop does not care where they live. While a stage's
+outputs are computed from its cached inputs both are alive, so the peak is up to twice the
+budget; an earlier stage's spilled files are deleted as soon as the next stage's replace them.
 """
 
 from __future__ import annotations
@@ -57,6 +59,13 @@ class FeatureStore:
         path = self.directory / name
         self.files.append(path)
         return path
+
+    def remove(self, paths: list[Path]) -> None:
+        """Delete spilled files that are no longer needed (an earlier stage's features)."""
+        for f in paths:
+            f.unlink(missing_ok=True)
+            if f in self.files:
+                self.files.remove(f)
 
     def close(self) -> None:
         """Delete the spilled files (and the temporary directory, if it made one)."""
@@ -112,14 +121,20 @@ def cache_outputs(
         raise ConfigError(f"nothing to cache for {tag}: the data is empty")
     starts = range(0, n, batch_size)
     outs: list[Tensor] = []
-    with torch.no_grad():
-        bar = progress(starts, total=len(starts), desc=f"caching {tag}", enabled=show_progress)
-        for s in bar:
-            got = fn(x[s : s + batch_size])
-            if not outs:  # allocate from the first batch's shapes (no extra probe call)
-                outs = _allocate(got, n, tag, store, mode, memory_budget_mb, cache_dir)
-            for buf, t in zip(outs, got, strict=True):
-                buf[s : s + t.shape[0]] = t
+    try:
+        with torch.no_grad():
+            bar = progress(starts, total=len(starts), desc=f"caching {tag}", enabled=show_progress)
+            for s in bar:
+                got = fn(x[s : s + batch_size])
+                if not outs:  # allocate from the first batch's shapes (no extra probe call)
+                    outs = _allocate(got, n, tag, store, mode, memory_budget_mb, cache_dir)
+                for buf, t in zip(outs, got, strict=True):
+                    buf[s : s + t.shape[0]] = t
+    except OSError as exc:
+        raise ConfigError(
+            f"could not store the cached features for {tag} ({exc}); free disk space, point "
+            "cache_dir at a larger disk, or use cache='recompute'"
+        ) from exc
     return tuple(outs)
 
 
@@ -153,6 +168,11 @@ def _allocate(
             outs.append(torch.empty(shape, dtype=t.dtype))
         else:
             path = store.new_file(f"{tag}-{k}.npy", cache_dir)
+            if t.dtype == torch.bfloat16:
+                raise ConfigError(
+                    f"cannot spill bfloat16 features for {tag} to disk (NumPy has no bfloat16); "
+                    "raise memory_budget_mb or use cache='recompute'"
+                )
             dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
             mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
             outs.append(torch.from_numpy(mm))

@@ -88,7 +88,7 @@ class SelfDistillation:
         kd = [distillation_loss(o, outs.final, self.temperature) for o in outs[:-1]]
         kd_t = torch.stack(kd) if kd else ce.new_zeros(0)  # (E - 1,)
         early = (1 - self.alpha) * ce[:-1] + self.alpha * kd_t
-        lam = torch.tensor(list(self._lambdas), dtype=ce.dtype)
+        lam = torch.tensor(list(self._lambdas), dtype=ce.dtype, device=ce.device)
         loss = ce[-1] + (lam * early).sum()
         with torch.no_grad():
             correct = (outs.stack().argmax(dim=-1) == y[None, :]).sum(dim=1)  # (E,)

@@ -22,10 +22,13 @@ The loss is the joint loss (eq. 6–7), so the exits are trained with their bloc
 
 Use it to cut training time (the paper reports ~20% less wall-clock for a small accuracy cost).
 It changes which parameters train while training, so it runs in one process (not under DDP).
+After training the frozen blocks keep ``requires_grad = False``; call
+``net.requires_grad_(True)`` before training the network again by other means.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -36,7 +39,9 @@ from offramp.network import MultiExitNetwork
 from offramp.training.joint import JointTraining, Schedule
 from offramp.training.loop import FitConfig, make_optimizer
 
-__all__ = ["Freezeout", "freezeout_lr", "freezing_points"]
+__all__ = ["Freezeout", "block_groups", "freezeout_lr", "freezing_points"]
+
+log = logging.getLogger("offramp.training")
 
 SPACINGS = ("linear", "cubic")
 
@@ -76,15 +81,15 @@ def freezeout_lr(base_lr: float, t: float, t_i: float) -> float:
     return 0.5 * base_lr * (1 + math.cos(math.pi * t / t_i))
 
 
-def block_groups(net: MultiExitNetwork) -> list[list[nn.Parameter]]:
-    """Parameters of every block with the head after it (if any), in depth order."""
+def block_groups(net: MultiExitNetwork) -> list[tuple[list[nn.Module], list[nn.Parameter]]]:
+    """Every block with the head after it (if any), in depth order: ``(modules, trainable
+    parameters)``. Parameters already frozen by the user are left out (and stay frozen)."""
     heads = dict(zip(net.exit_blocks, net.heads, strict=True))
     groups = []
     for k, block in enumerate(net.blocks):
-        params = list(block.parameters())
-        if k in heads:
-            params += list(heads[k].parameters())
-        groups.append(params)
+        modules = [block] + ([heads[k]] if k in heads else [])
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        groups.append((modules, params))
     return groups
 
 
@@ -125,36 +130,50 @@ class Freezeout(JointTraining):
         self.spacing = spacing
         self.scale_lr = bool(scale_lr)
         self.points: list[float] = []
+        self._group_modules: list[list[nn.Module]] = []
 
     def configure_optimizer(self, net: MultiExitNetwork, cfg: FitConfig) -> torch.optim.Optimizer:
         """One parameter group per block (with its head), each remembering its ``t_i``."""
+        if cfg.lr_schedule != "constant":
+            log.warning(
+                "freezeout sets every block's learning rate itself (eq. 10); lr_schedule=%r is "
+                "ignored",
+                cfg.lr_schedule,
+            )
         groups = block_groups(net)
         self.points = freezing_points(len(groups), self.t0, self.spacing)
+        self._group_modules = []
         param_groups = []
-        for params, t_i in zip(groups, self.points, strict=True):
+        for (modules, params), t_i in zip(groups, self.points, strict=True):
             if params:
                 base = cfg.lr / t_i if self.scale_lr else cfg.lr
                 param_groups.append({"params": params, "base_lr": base, "t_i": t_i})
+                self._group_modules.append(modules)
         return make_optimizer(param_groups, cfg)
 
     def on_batch_start(
         self, net: MultiExitNetwork, optimizer: torch.optim.Optimizer, iteration: int, total: int
     ) -> None:
         """Set every group's learning rate for step ``iteration`` of ``total``; freeze the groups
-        whose freezing point has passed (and keep the others trainable, e.g. after a resume)."""
+        whose freezing point has passed (``requires_grad = False`` and eval mode, so BatchNorm
+        statistics and dropout are frozen too) and keep the others trainable (after a resume)."""
         t = iteration / total
-        for g in optimizer.param_groups:
-            lr = freezeout_lr(g["base_lr"], t, g["t_i"])
-            g["lr"] = lr
+        for g, modules in zip(optimizer.param_groups, self._group_modules, strict=True):
+            g["lr"] = freezeout_lr(g["base_lr"], t, g["t_i"])
             frozen = t >= g["t_i"]
             for p in g["params"]:
                 p.requires_grad_(not frozen)
                 if frozen:
                     p.grad = None
+            if frozen:
+                for m in modules:
+                    m.eval()
 
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Joint loss; also reports how many block groups are frozen."""
         out = super().step(net, batch)
-        frozen = sum(1 for b in net.blocks if not any(p.requires_grad for p in b.parameters()))
+        frozen = sum(
+            1 for g in self._group_modules if not any(p.requires_grad for p in g[0].parameters())
+        )
         out["frozen_blocks"] = torch.tensor(float(frozen))
         return out

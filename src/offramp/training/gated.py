@@ -157,9 +157,13 @@ class GatedTraining(nn.Module):
     def for_network(
         cls, net: MultiExitNetwork, example_input: Tensor, **kwargs: object
     ) -> GatedTraining:
-        """Gates shaped for ``net``'s early exits (shapes read off one forward pass)."""
+        """Gates shaped for ``net``'s early exits (shapes read off one forward pass in eval mode,
+        so BatchNorm statistics are left alone)."""
+        was_training = net.training
+        net.eval()
         with torch.no_grad():
             feats, _ = net(example_input[:2], return_features=True)
+        net.train(was_training)
         return cls([tuple(f.shape[1:]) for f in feats[:-1]], **kwargs)  # type: ignore[arg-type]
 
     def gate_values(self, features: Sequence[Tensor]) -> list[Tensor]:

@@ -114,7 +114,10 @@ def fit_backbone_then_heads(
     """
     cfg = config or FitConfig()
     if cache not in ("auto", "memory", "disk"):
-        raise ConfigError(f"unknown cache mode {cache!r} for heads-only training")
+        raise ConfigError(
+            f"unknown cache mode {cache!r} for heads-only training; choose 'auto', 'memory' or "
+            "'disk' (the backbone runs once either way, so there is nothing to recompute)"
+        )
     if sklearn is not None and world_info()[1] > 1:
         raise ConfigError("scikit-learn heads are fitted in one process; run without DDP")
     e = net.num_exits
@@ -168,6 +171,7 @@ def fit_backbone_then_heads(
                 history.append(wide)
                 for cb in callbacks:
                     cb(wide)
+            net.eval()
             return history
         for i in range(e - 1):
             head_net = MultiExitNetwork([nn.Identity()], {0: net.heads[i]})

@@ -93,12 +93,13 @@ def ib_loss(
         y: labels ``(m,)``.
         num_classes: classes, for the one-hot label kernel.
         beta: weight of the relevance term.
-        sigma: Gaussian kernel width (``None``: median heuristic).
+        sigma: Gaussian kernel width for ``H`` (``None``: median heuristic); the kernel on
+            ``X`` always uses its own median heuristic, since the two spaces differ in scale.
 
     Returns:
         ``(loss, nHSIC(X, H), nHSIC(H, Y))``.
     """
-    kx = gaussian_kernel(x.detach(), sigma)
+    kx = gaussian_kernel(x.detach())  # the input's own median-heuristic width
     kh = gaussian_kernel(h, sigma)
     onehot = F.one_hot(y, num_classes).to(h.dtype)  # (m,) -> (m, C)
     ly = onehot @ onehot.t()  # (m, m)
@@ -142,8 +143,9 @@ class IBLocalLoss:
         if len(batch) != 3:
             raise ConfigError("IBLocalLoss needs batches (h_prev, y, x); use fit_layerwise")
         h_prev, y, x = batch
-        feats, _ = net(h_prev, return_features=True)
-        h = feats[-1]
+        h = h_prev
+        for block in net.blocks:  # the stage's body (no head: it learns from detached h below)
+            h = block(h)
         ib, ixh, ihy = ib_loss(x, h, y, self.num_classes, self.beta, self.sigma)
         logits = net.heads[-1](h.detach())
         head_loss = self.loss_fn(logits, y)

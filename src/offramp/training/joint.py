@@ -53,17 +53,26 @@ def linear_in_depth(top: float = 1.0) -> Schedule:
     return lambda epoch, num_epochs, k: [top * (i + 1) / (k + 1) for i in range(k)]
 
 
-def sdn_growing(top: Sequence[float] | None = None, start: float = 0.01) -> Schedule:
+def sdn_growing(top: Sequence[float] | float | None = None, start: float = 0.01) -> Schedule:
     """SDN's schedule: λ_i(t) = τ_i·(start + (1 − start)·t/(T − 1)) over epochs t = 0 … T−1.
 
     Args:
-        top: maximum weight τ_i per early exit; default linear in depth, 0.15, 0.3, … capped
-            at 0.9 as in SDN's six internal classifiers.
+        top: maximum weight τ_i per early exit; a single number caps the default instead.
+            Default: linear in depth, 0.15, 0.3, … capped at 0.9, as in SDN's six internal
+            classifiers.
         start: fraction of τ_i at epoch 0.
+
+    Example:
+        >>> sdn_growing(0.2)(1, 2, 3)  # last epoch: τ = min(0.2, 0.15·(i + 1))
+        [0.15, 0.2, 0.2]
     """
 
     def schedule(epoch: int, num_epochs: int, k: int) -> list[float]:
-        taus = list(top) if top is not None else [min(0.9, 0.15 * (i + 1)) for i in range(k)]
+        if top is None or isinstance(top, (int, float)):
+            cap = 0.9 if top is None else float(top)
+            taus = [min(cap, 0.15 * (i + 1)) for i in range(k)]
+        else:
+            taus = list(top)
         if len(taus) != k:
             raise ConfigError(f"sdn_growing got {len(taus)} maxima for {k} early exits")
         frac = epoch / (num_epochs - 1) if num_epochs > 1 else 1.0

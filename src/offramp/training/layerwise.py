@@ -177,6 +177,7 @@ def fit_layerwise(
             history += [widen_log(ent, i, e, i) for ent in logs]
             freeze(st.body, st.head)
             if i < e - 1 and cache != "recompute":
+                previous = list(store.files)
                 kw = {
                     "store": store,
                     "batch_size": max(512, cfg.batch_size),
@@ -195,6 +196,7 @@ def fit_layerwise(
                     (h_val,) = cache_outputs(
                         lambda b, body=st.body: (body(b),), h_val, tag=f"h{i}-val-rank{rank}", **kw
                     )
+                store.remove(previous)  # the previous stage's spilled inputs are done with
     finally:
         store.close()
     net.eval()

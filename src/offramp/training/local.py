@@ -1,14 +1,15 @@
 """Local error learning (Mostafa, Ramesh & Cauwenberghs 2018; survey §7.1).
 
-Every block except the last is trained only by its own **fixed random classifier** ``B_i``
-(a ``C × D`` matrix, never trained) applied to its pooled output::
+Every block ``f_k`` except the last — whether or not an exit follows it — is trained only by its
+own **fixed random classifier** ``B_k`` (a ``C × D`` matrix, never trained) applied to its
+pooled output::
 
-    J_i^local = CE(B_i · pool(h_i), y)
+    J_k^local = CE(B_k · pool(h_k), y)
 
-and no gradient crosses a block boundary: block ``i + 1`` reads ``h_i`` detached. The last
+and no gradient crosses a block boundary: block ``k + 1`` reads ``h_k`` detached. The last
 block is trained by the final exit's loss, as usual. The exit heads ``c_i`` of the early exits
-are trained on the detached ``h_i``, so they become usable exits without sending any gradient
-into their block.
+are trained on their detached ``h``, so they become usable exits without sending any gradient
+into the backbone.
 
 With ``feedback_alignment=True`` the backward pass through ``B_i`` uses a second fixed random
 matrix ``F_i`` (same shape) instead of ``B_i``: the error reaching the block is
@@ -71,11 +72,11 @@ def feedback_alignment_linear(x: Tensor, forward_w: Tensor, feedback_w: Tensor) 
 
 
 class LocalErrorLearning(nn.Module):
-    """Strategy: each early block trained by its own fixed random classifier; heads on detached
-    features; the last block by the final exit.
+    """Strategy: each block but the last trained by its own fixed random classifier; heads on
+    detached features; the last block by the final exit.
 
     Args:
-        feature_dims: ``D_i`` of the pooled features of every early exit.
+        feature_dims: ``D_k`` of the pooled output of every block but the last.
         num_classes: classes ``C``.
         feedback_alignment: use fixed random feedback matrices in the backward pass.
         pool_size: spatial size of the average pooling before ``B_i``.
@@ -87,7 +88,7 @@ class LocalErrorLearning(nn.Module):
         >>> net = mlp(4, 3, hidden=(8, 8))
         >>> s = LocalErrorLearning.for_network(net, torch.randn(2, 4))
         >>> out = s.step(net, (torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])))
-        >>> len(out["local_losses"]), out["loss"].requires_grad
+        >>> len(out["local_losses"]), out["loss"].requires_grad  # one per block but the last
         (1, True)
     """
 
@@ -119,22 +120,30 @@ class LocalErrorLearning(nn.Module):
     def for_network(
         cls, net: MultiExitNetwork, example_input: Tensor, **kwargs: Any
     ) -> LocalErrorLearning:
-        """Random classifiers shaped for ``net``'s early exits (read off one forward pass)."""
+        """Random classifiers shaped for every block of ``net`` but the last (shapes read off
+        one forward pass in eval mode, so BatchNorm statistics are left alone)."""
         pool = int(kwargs.get("pool_size", 2))
+        was_training = net.training
+        net.eval()
+        dims = []
         with torch.no_grad():
-            feats, outs = net(example_input[:2], return_features=True)
-        dims = [local_pool(h, pool).shape[1] for h in feats[:-1]]
-        return cls(dims, outs.final.shape[1], **kwargs)
+            h = example_input[:2]
+            for block in net.blocks[:-1]:
+                h = block(h)
+                dims.append(local_pool(h, pool).shape[1])
+            classes = net(example_input[:2]).final.shape[1]
+        net.train(was_training)
+        return cls(dims, classes, **kwargs)
 
-    def random_classifier(self, i: int) -> tuple[Tensor, Tensor | None]:
-        """``(B_i, F_i)`` of early exit ``i`` (``F_i`` is ``None`` without feedback alignment)."""
-        b = getattr(self, f"B{i}")
-        return b, getattr(self, f"F{i}") if self.feedback_alignment else None
+    def random_classifier(self, k: int) -> tuple[Tensor, Tensor | None]:
+        """``(B_k, F_k)`` of block ``k`` (``F_k`` is ``None`` without feedback alignment)."""
+        b = getattr(self, f"B{k}")
+        return b, getattr(self, f"F{k}") if self.feedback_alignment else None
 
-    def local_logits(self, i: int, h: Tensor) -> Tensor:
-        """``B_i · pool(h_i)``, with the feedback-alignment backward when enabled."""
+    def local_logits(self, k: int, h: Tensor) -> Tensor:
+        """``B_k · pool(h_k)``, with the feedback-alignment backward when enabled."""
         z = local_pool(h, self.pool_size)
-        b, fb = self.random_classifier(i)
+        b, fb = self.random_classifier(k)
         if fb is not None:
             return feedback_alignment_linear(z, b, fb)
         return z @ b.t()  # (B, D) @ (D, C) -> (B, C)
@@ -142,30 +151,32 @@ class LocalErrorLearning(nn.Module):
     def local_losses(
         self, net: MultiExitNetwork, x: Tensor, y: Tensor
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Run the stages with a detached hand-over between them.
+        """Run the blocks with a detached hand-over between them.
 
         Returns:
-            ``(block losses, head losses, head logits)``: the loss that trains each block (the
-            random classifier's for early blocks, the final exit's for the last), and each
-            exit head's own loss and logits.
+            ``(block losses, head losses, head logits)``: the loss that trains each block (its
+            random classifier's for all but the last, the final exit's for the last; one per
+            block), and each exit head's own loss and logits (one per exit).
         """
-        stages = net.stages()
-        if len(stages) - 1 != self.num_local:
+        blocks = list(net.blocks)
+        if len(blocks) - 1 != self.num_local:
             raise ConfigError(
-                f"{self.num_local} random classifiers for a network with {len(stages) - 1} "
-                "early exits; build the strategy with LocalErrorLearning.for_network(net, x)"
+                f"{self.num_local} random classifiers for a network with {len(blocks)} blocks "
+                "(one per block but the last); build the strategy with "
+                "LocalErrorLearning.for_network(net, x)"
             )
+        exit_at = {b: i for i, b in enumerate(net.exit_blocks)}
         block_losses, head_losses, logits = [], [], []
         h = x
-        for st in stages:
-            h = st.body(h.detach())
-            if st.index < self.num_local:
-                block_losses.append(F.cross_entropy(self.local_logits(st.index, h), y))
-                out = st.head(h.detach())
-            else:
-                out = st.head(h)
-            head_losses.append(F.cross_entropy(out, y))
-            logits.append(out)
+        for k, block in enumerate(blocks):
+            h = block(h.detach())
+            last = k == len(blocks) - 1
+            if not last:
+                block_losses.append(F.cross_entropy(self.local_logits(k, h), y))
+            if k in exit_at:
+                out = net.heads[exit_at[k]](h if last else h.detach())
+                head_losses.append(F.cross_entropy(out, y))
+                logits.append(out)
         block_losses.append(head_losses[-1])
         return block_losses, head_losses, logits
 

@@ -206,6 +206,11 @@ def _batches(
             for s in starts:
                 idx = perm[s : s + bs]
                 if world > 1:
+                    # equal shards, so the mean of the ranks' mean losses is the global mean:
+                    # a short tail batch loses its last (len % world) samples
+                    idx = idx[: len(idx) - len(idx) % world]
+                    if len(idx) == 0:
+                        continue
                     idx = idx.tensor_split(world)[rank]
                 yield tuple(t[idx] for t in data)
 
@@ -277,6 +282,11 @@ def fit(
         raise ConfigError(f"epochs and batch_size must be ≥ 1, got {cfg.epochs}, {cfg.batch_size}")
     strategy = strategy or JointTraining()
     rank, world = world_info()
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is split over {world} ranks and must be a multiple of "
+            f"{world}; use e.g. {cfg.batch_size - cfg.batch_size % world or world}"
+        )
     torch.manual_seed(cfg.seed)
     configure = _hook(strategy, "configure_optimizer")
     opt = (
@@ -295,10 +305,22 @@ def fit(
                 f"run uses {cfg.fingerprint()}; use the same settings, another checkpoint path, "
                 "or resume=False"
             )
-        net.load_state_dict(state["model"])
-        if isinstance(strategy, nn.Module) and "strategy" in state:
-            strategy.load_state_dict(state["strategy"])
-        opt.load_state_dict(state["optimizer"])
+        name = type(strategy).__name__
+        if state.get("strategy_name", name) != name:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was written by strategy {state['strategy_name']}, not "
+                f"{name}; use another checkpoint path, or resume=False"
+            )
+        try:
+            net.load_state_dict(state["model"])
+            if isinstance(strategy, nn.Module) and "strategy" in state:
+                strategy.load_state_dict(state["strategy"])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpoint {ckpt} does not fit this network or optimiser ({exc}); it was "
+                "written for another model: use another checkpoint path, or resume=False"
+            ) from exc
         torch.set_rng_state(state["rng"])
         history = [EpochLog(**h) for h in state["history"]]
         start = state["epoch"]
@@ -339,7 +361,7 @@ def fit(
                 on_batch(net, opt, iteration, cfg.epochs * per_epoch)
             out = _step(strategy, model, batch, world)
             loss = out["loss"]
-            if not torch.isfinite(loss):
+            if not _all_finite(loss, world):
                 raise ConfigError(
                     f"training diverged at epoch {epoch}: loss is {float(loss.detach())}; "
                     f"lower the learning rate (now {cfg.lr})"
@@ -376,6 +398,7 @@ def fit(
                 "rng": torch.get_rng_state(),
                 "history": [asdict(h) for h in history],
                 "config": cfg.fingerprint(),
+                "strategy_name": type(strategy).__name__,
             }
             if isinstance(strategy, nn.Module):
                 state["strategy"] = strategy.state_dict()
@@ -387,6 +410,15 @@ def fit(
     if isinstance(strategy, nn.Module):
         strategy.eval()
     return history
+
+
+def _all_finite(loss: Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank (one tiny all-reduce under DDP, so that all
+    ranks stop together instead of some waiting forever in the next collective)."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0])
+    if world > 1:
+        bad = all_reduce_sum(bad)
+    return float(bad) == 0.0
 
 
 def _step(strategy: Strategy, model: Any, batch: tuple[Tensor, ...], world: int) -> Any:

@@ -40,8 +40,10 @@ from offramp.training.loop import EpochLog, FitConfig, fit
 
 __all__ = [
     "OPTIONS",
+    "OPTION_TYPES",
     "SCHEDULES",
     "STRATEGIES",
+    "coerce_options",
     "make_schedule",
     "make_strategy",
     "train",
@@ -90,6 +92,73 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The type of every option; values are converted (``"1e-3"`` from YAML becomes a float).
+OPTION_TYPES: dict[str, type] = {
+    "schedule": str,
+    "schedule_value": float,
+    "mode": str,
+    "exit_weight": float,
+    "beta": float,
+    "cache": str,
+    "cache_dir": str,
+    "memory_budget_mb": float,
+    "epochs_per_stage": int,
+    "train_backbone": bool,
+    "head_epochs": int,
+    "sklearn": str,
+    "t0": float,
+    "spacing": str,
+    "scale_lr": bool,
+    "temperature": float,
+    "alpha": float,
+    "feedback_alignment": bool,
+    "pool_size": int,
+    "seed": int,
+    "sigma": float,
+}
+
+
+def _coerce(key: str, value: Any, tp: type) -> Any:
+    if value is None or (tp is str and key == "sklearn" and not isinstance(value, str)):
+        return value  # None = default; sklearn may also be an estimator object
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"option {key!r} must be {'true or false' if tp is bool else tp.__name__}, "
+            f"got {value!r}"
+        ) from None
+
+
+def coerce_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against what strategy ``name`` takes, values converted to their types.
+
+    Example:
+        >>> coerce_options("ib", {"beta": "1e-2", "epochs_per_stage": "2"})
+        {'beta': 0.01, 'epochs_per_stage': 2}
+    """
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose one of {list(STRATEGIES)}")
+    _check_options(name, options)
+    return {k: _coerce(k, v, OPTION_TYPES[k]) for k, v in options.items()}
+
+
 def make_schedule(name: str = "constant", value: float | None = None) -> Schedule:
     """A λ schedule by name (:data:`SCHEDULES`), with its one optional number."""
     if name not in SCHEDULES:
@@ -120,10 +189,7 @@ def make_strategy(
         >>> type(make_strategy("cost", net, torch.randn(2, 4), beta=0.1)).__name__
         'GatedTraining'
     """
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; choose one of {list(STRATEGIES)}")
-    _check_options(name, options)
-    opts = dict(options)
+    opts = coerce_options(name, options)
     sched = make_schedule(opts.pop("schedule", "constant"), opts.pop("schedule_value", None))
     if name == "joint":
         return JointTraining(sched)
@@ -191,10 +257,7 @@ def train(
         1
     """
     cfg = config or FitConfig()
-    opts = dict(options or {})
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
-    _check_options(strategy, opts)
+    opts = coerce_options(strategy, dict(options or {}))
     if strategy in ("layerwise", "ib"):
         from offramp.training.layerwise import fit_layerwise
 
