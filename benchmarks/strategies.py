@@ -111,7 +111,7 @@ def run_one(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        lr_schedule="cosine",
+        lr_schedule="constant" if strategy == "freezeout" else "cosine",  # freezeout: eq. 10
         seed=args.seed,
         show_progress=not args.quiet,
         checkpoint=str(Path(args.checkpoint_dir) / f"{name}-e{args.epochs}-s{args.seed}.pt"),
