@@ -96,7 +96,22 @@ def test_thresholds_avoid_sample_scores():
 
 def test_bad_arguments():
     rec = _random_record(0)
-    with pytest.raises(ConfigError, match=r"delta.*-0.1"):
-        ThresholdCalibrator(delta=-0.1).fit(rec, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ConfigError, match=r"delta.*1.5"):
+        ThresholdCalibrator(delta=1.5).fit(rec, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ConfigError, match="no thresholds reach"):
+        ThresholdCalibrator(delta=-0.99).fit(rec, np.array([1.0, 2.0, 3.0]))
     with pytest.raises(ConfigError, match="one value per exit"):
         ThresholdCalibrator().fit(rec, np.array([1.0, 2.0]))
+
+
+def test_negative_delta_is_a_margin_above_the_final_exit():
+    # exit 0 is right on samples 0-2, the final exit on 1-3: exiting sample 0 early beats it
+    logits = torch.tensor(
+        [
+            [[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.1, 0.0]],
+            [[0.0, 0.1], [0.0, 5.0], [5.0, 0.0], [5.0, 0.0]],
+        ]
+    )
+    rec = ExitRecord(logits, torch.tensor([0, 1, 0, 0]))
+    cal = ThresholdCalibrator("max_prob", delta=-0.25).fit(rec, np.array([1.0, 2.0]))
+    assert cal.final_accuracy_ == 0.75 and cal.accuracy_ == 1.0

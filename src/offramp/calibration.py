@@ -101,6 +101,11 @@ def _best(grid: GridResult, cumulative: np.ndarray, n: int, min_acc: float) -> i
     cost = grid.counts @ cumulative / n
     acc = grid.correct / n
     feasible = np.flatnonzero(acc >= min_acc - 1e-12)
+    if feasible.size == 0:
+        raise ConfigError(
+            f"no thresholds reach accuracy {min_acc:.4f} on this split (the best reachable is "
+            f"{acc.max():.4f}); a negative delta asks for more than the final exit: lower it"
+        )
     # lexsort: last key is primary -> cost, then more correct, then first index
     order = np.lexsort((feasible, -grid.correct[feasible], cost[feasible]))
     return int(feasible[order[0]])
@@ -114,7 +119,11 @@ class ThresholdCalibrator:
 
     Args:
         criterion: ``"entropy"`` or ``"max_prob"``.
-        delta: allowed accuracy loss δ ≥ 0 relative to the final exit on the fitting split.
+        delta: allowed accuracy loss δ relative to the final exit on the fitting split; a small
+            negative δ demands that much *more* than the final exit's accuracy there — a safety
+            margin for the split the policy is applied to (raises ``ConfigError`` when no
+            thresholds reach it; the coordinate-descent search starts from "never exit" and
+            may miss such points, so keep exits × candidates within ``max_combinations``).
         num_candidates: quantile cut points per exit (plus "never" and "always").
         max_combinations: largest grid searched exhaustively; larger grids use coordinate
             descent.
@@ -151,10 +160,11 @@ class ThresholdCalibrator:
 
     def _validate(self) -> None:
         get_criterion(self.criterion)
-        if not np.isfinite(self.delta) or self.delta < 0:
+        if not np.isfinite(self.delta) or not -1.0 < self.delta < 1.0:
             raise ConfigError(
-                f"delta is the accuracy loss you accept and must be a finite number ≥ 0, "
-                f"got {self.delta}; use 0.0 to keep the final exit's accuracy"
+                f"delta is the accuracy loss you accept, a finite number in (-1, 1), got "
+                f"{self.delta}; use 0.0 to keep the final exit's accuracy, a small negative "
+                "value for a safety margin above it"
             )
         if self.num_candidates < 1:
             raise ConfigError(f"num_candidates must be ≥ 1, got {self.num_candidates}")
