@@ -64,8 +64,10 @@ def test_never_policy_never_fires():
 
 
 def test_bad_policies():
-    with pytest.raises(ConfigError, match="unknown exit criterion 'margin'"):
-        ThresholdPolicy("margin", (0.1,))
+    with pytest.raises(ConfigError, match="unknown exit criterion 'confidence'"):
+        ThresholdPolicy("confidence", (0.1,))
+    with pytest.raises(ConfigError, match="needs scorers"):
+        ThresholdPolicy("learned", (0.1,))
     with pytest.raises(ConfigError, match="NaN"):
         ThresholdPolicy("entropy", (float("nan"),))
     with pytest.raises(ConfigError, match="3 exits"):

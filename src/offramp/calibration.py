@@ -12,16 +12,41 @@ equal to any calibration sample's score and tiny numerical differences do not fl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
 from offramp.policies import ThresholdPolicy, get_criterion
 
-__all__ = ["GridResult", "ThresholdCalibrator", "candidate_thresholds", "evaluate_grid"]
+__all__ = [
+    "GridResult",
+    "ThresholdCalibrator",
+    "candidate_thresholds",
+    "evaluate_grid",
+    "record_scores",
+]
+
+
+def record_scores(
+    record: ExitRecord, criterion: str, scorers: Sequence[nn.Module] | None = None
+) -> torch.Tensor:
+    """Scores of every exit on ``record``, ``(E, N)``: the plain criterion, or per-exit
+    ``scorers`` for the early exits (the final exit's row is never used to decide)."""
+    if scorers is None:
+        return record.scores(criterion)
+    if len(scorers) != record.num_exits - 1:
+        raise ConfigError(
+            f"got {len(scorers)} scorers for {record.num_exits - 1} early exits; give one each"
+        )
+    with torch.no_grad():
+        rows = [scorers[i](record.logits[i]) for i in range(record.num_exits - 1)]
+    rows.append(torch.zeros_like(rows[0]) if rows else torch.zeros(record.num_samples))
+    return torch.stack(rows).float()
 
 
 def candidate_thresholds(scores: np.ndarray, num: int, lower_is_confident: bool) -> np.ndarray:
@@ -127,6 +152,9 @@ class ThresholdCalibrator:
         num_candidates: quantile cut points per exit (plus "never" and "always").
         max_combinations: largest grid searched exhaustively; larger grids use coordinate
             descent.
+        scorers: per-early-exit score modules used instead of the plain criterion (temperature
+            scaling, learned confidence; :mod:`offramp.confidence`); ``criterion`` then only
+            gives their direction.
 
     Attributes:
         policy_: the chosen :class:`ThresholdPolicy`.
@@ -152,11 +180,13 @@ class ThresholdCalibrator:
         delta: float = 0.0,
         num_candidates: int = 50,
         max_combinations: int = 20_000,
+        scorers: Sequence[nn.Module] | None = None,
     ) -> None:
         self.criterion = criterion
         self.delta = delta
         self.num_candidates = num_candidates
         self.max_combinations = max_combinations
+        self.scorers = scorers
 
     def _validate(self) -> None:
         get_criterion(self.criterion)
@@ -180,7 +210,7 @@ class ThresholdCalibrator:
                 f"{cumulative.shape}; pass profile(net, x).cumulative"
             )
         crit = get_criterion(self.criterion)
-        scores = record.scores(self.criterion)  # (E, N)
+        scores = record_scores(record, self.criterion, self.scorers)  # (E, N)
         correct = record.correct()  # (E, N)
         cands = [
             candidate_thresholds(scores[i].numpy(), self.num_candidates, crit.lower_is_confident)
@@ -202,7 +232,9 @@ class ThresholdCalibrator:
                 scores, correct, cands, cumulative, min_acc, crit.lower_is_confident
             )
         self.thresholds_ = tuple(float(cands[i][j]) for i, j in enumerate(choice))
-        self.policy_ = ThresholdPolicy(self.criterion, self.thresholds_)
+        self.policy_ = ThresholdPolicy(
+            self.criterion, self.thresholds_, tuple(self.scorers) if self.scorers else None
+        )
         self.accuracy_ = right / n
         self.expected_cost_ = float(counts @ cumulative / n)
         self.exit_fractions_ = counts / n

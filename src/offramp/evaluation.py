@@ -19,7 +19,7 @@ from offramp._progress import progress
 from offramp.costs import expected_cost
 from offramp.errors import DataError, ShapeError
 from offramp.network import MultiExitNetwork, check_input
-from offramp.policies import ThresholdPolicy, get_criterion
+from offramp.policies import ExitPolicy, decide, get_criterion
 
 __all__ = ["Decisions", "ExitRecord", "exit_histogram", "iterate_batches", "simulate"]
 
@@ -184,13 +184,13 @@ class ExitRecord:
         return cls(d["logits"], d["labels"])
 
 
-def simulate(record: ExitRecord, policy: ThresholdPolicy) -> Decisions:
+def simulate(record: ExitRecord, policy: ExitPolicy) -> Decisions:
     """Where each sample of ``record`` would leave under ``policy``, and what it would predict.
 
-    This is the reference the runtime must reproduce exactly.
+    This is the reference the runtime must reproduce exactly: both run the policy's exit tests
+    (:func:`offramp.policies.decide`).
     """
-    exits = policy.decide(policy.scores(record.logits))
-    return record.decisions(exits)
+    return record.decisions(decide(policy, record.logits))
 
 
 def exit_histogram(exits: np.ndarray | Tensor, num_exits: int) -> np.ndarray:

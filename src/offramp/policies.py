@@ -1,9 +1,23 @@
-"""Exit criteria as pure scoring functions, and per-exit threshold policies.
+"""Exit criteria as pure scoring functions, and the policies built on them.
 
 A criterion turns an exit's logits ``(B, C)`` into one confidence score per sample ``(B,)``.
 For ``entropy`` (eq. 11) lower means more confident and a sample leaves exit ``i`` when
-``H(y_i) < τ_i``; for ``max_prob`` higher means more confident and it leaves when
-``max_c softmax(y_i)_c > τ_i``. The final exit takes every sample that is left.
+``H(y_i) < τ_i``; for ``max_prob`` and ``margin`` (top-1 minus top-2 probability) higher means
+more confident and it leaves when the score exceeds ``τ_i``. The final exit takes every sample
+that is left.
+
+Policies:
+
+- :class:`ThresholdPolicy` — one threshold per early exit on a criterion, optionally on
+  per-exit *scorers* instead of the plain criterion: temperature-scaled logits
+  (:class:`TemperatureScorer`) or a learned confidence model (:mod:`offramp.confidence`);
+- :class:`PatiencePolicy` — PABEE: leave at exit ``i`` once the predictions of ``patience + 1``
+  consecutive exits agree.
+
+Every policy exposes the same *exit tests*, one small module per early exit,
+``test(logits (B, C), state (B, S)) -> (leave (B,), state)``. The simulation on an
+``ExitRecord`` (:func:`decide`), the batched runtime and the batch-1 runtime all run these same
+modules, so their decisions agree by construction (and the tests check it).
 """
 
 from __future__ import annotations
@@ -11,18 +25,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from offramp.errors import ConfigError, ShapeError
 
 __all__ = [
     "CRITERIA",
     "Criterion",
+    "ExitPolicy",
+    "PatiencePolicy",
+    "PatienceTest",
+    "TemperatureScorer",
     "ThresholdPolicy",
+    "ThresholdTest",
+    "decide",
     "fires",
     "get_criterion",
+    "margin",
     "max_softmax",
     "normalized_entropy",
 ]
@@ -80,14 +102,38 @@ class Criterion:
         return math.inf if self.lower_is_confident else -math.inf
 
 
+def margin(logits: Tensor) -> Tensor:
+    """Top-1 minus top-2 softmax probability, ``(..., C) -> (...)``, in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> p = torch.tensor([[0.6, 0.3, 0.1]])
+        >>> round(float(margin(p.log())[0]), 4)
+        0.3
+    """
+    if logits.shape[-1] < 2:
+        return torch.ones(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+    top = torch.softmax(logits, dim=-1).topk(2, dim=-1).values  # (..., 2)
+    return top[..., 0] - top[..., 1]
+
+
+def _learned_placeholder(logits: Tensor) -> Tensor:
+    raise ConfigError(
+        "criterion 'learned' has no fixed score: fit one with offramp.confidence."
+        "fit_learned_confidence and pass its scorers to the policy"
+    )
+
+
 CRITERIA: dict[str, Criterion] = {
     "entropy": Criterion("entropy", normalized_entropy, lower_is_confident=True),
     "max_prob": Criterion("max_prob", max_softmax, lower_is_confident=False),
+    "margin": Criterion("margin", margin, lower_is_confident=False),
+    "learned": Criterion("learned", _learned_placeholder, lower_is_confident=False),
 }
 
 
 def get_criterion(name: str | Criterion) -> Criterion:
-    """Look a criterion up by name (``entropy`` or ``max_prob``)."""
+    """Look a criterion up by name (``entropy``, ``max_prob``, ``margin``, ``learned``)."""
     if isinstance(name, Criterion):
         return name
     if name not in CRITERIA:
@@ -100,13 +146,123 @@ def fires(scores: Tensor, threshold: Tensor | float, lower_is_confident: bool) -
     return scores < threshold if lower_is_confident else scores > threshold
 
 
+class TemperatureScorer(nn.Module):
+    """A criterion on temperature-scaled logits: ``score(logits / T)``.
+
+    Args:
+        criterion: the criterion's name.
+        temperature: ``T > 0`` (fitted per exit by :func:`offramp.confidence.fit_temperatures`).
+    """
+
+    def __init__(self, criterion: str, temperature: float = 1.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        self.criterion = criterion
+        self.score = get_criterion(criterion).score
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return self.score(logits / self.temperature)
+
+
+class ThresholdTest(nn.Module):
+    """Exit test of one early exit: ``score(logits)`` against a threshold; state untouched."""
+
+    def __init__(
+        self, scorer: nn.Module | Callable[[Tensor], Tensor], threshold: float, lower: bool
+    ) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.lower = bool(lower)
+        self.register_buffer("threshold", torch.tensor(float(threshold)), persistent=False)
+
+    def forward(self, logits: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.scorer(logits)
+        leave = s < self.threshold if self.lower else s > self.threshold
+        return leave, state
+
+
+class PatienceTest(nn.Module):
+    """PABEE's exit test: ``state = (previous prediction, agreement count)`` per sample."""
+
+    def __init__(self, patience: int, first: bool) -> None:
+        super().__init__()
+        self.patience = int(patience)
+        self.first = bool(first)
+
+    def forward(self, logits: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        pred = logits.argmax(dim=-1)  # (B,)
+        if self.first:
+            count = torch.zeros_like(pred)
+        else:
+            count = torch.where(pred == state[:, 0], state[:, 1] + 1, torch.zeros_like(pred))
+        return count >= self.patience, torch.stack([pred, count], dim=1)  # (B, 2)
+
+
+class ExitPolicy:
+    """What every policy provides (no need to inherit; duck typing is enough).
+
+    Attributes:
+        num_exits: exits of the network the policy is for.
+        state_size: columns of the per-sample state the exit tests carry (0 for stateless).
+    """
+
+    num_exits: int
+    state_size: ClassVar[int] = 0
+
+    def exit_tests(self) -> list[nn.Module]:  # pragma: no cover - interface
+        """One module per early exit: ``(logits (B, C), state (B, S)) -> (leave (B,), state)``."""
+        raise NotImplementedError
+
+    def check(self, num_exits: int) -> None:
+        """Raise ``ConfigError`` unless the policy fits a network with ``num_exits`` exits."""
+        if self.num_exits != num_exits:
+            raise ConfigError(
+                f"the policy is for {self.num_exits} exits but the network has {num_exits}; "
+                "build or calibrate it for this network"
+            )
+
+    def initial_state(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """The state before the first exit, ``(n, state_size)`` int64."""
+        return torch.zeros((n, self.state_size), dtype=torch.long, device=device)
+
+
+def decide(policy: ExitPolicy, logits: Tensor) -> Tensor:
+    """Exit of every sample from all exits' logits ``(E, N, C) -> (N,)``: the simulation.
+
+    Runs the policy's exit tests over whole exits (vectorised over samples): a sample leaves at
+    the first exit whose test fires, the final exit otherwise.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[[5.0, 0.0], [0.0, 0.1]], [[0.0, 5.0], [0.0, 5.0]]])
+        >>> decide(ThresholdPolicy("max_prob", (0.9,)), logits).tolist()
+        [0, 1]
+    """
+    e, n = logits.shape[0], logits.shape[1]
+    policy.check(e)
+    exits = torch.full((n,), e - 1, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    state = policy.initial_state(n, logits.device)
+    with torch.no_grad():
+        for i, test in enumerate(policy.exit_tests()):
+            leave, state = test(logits[i], state)
+            exits[leave & ~done] = i
+            done |= leave
+    return exits
+
+
 @dataclass(frozen=True)
-class ThresholdPolicy:
+class ThresholdPolicy(ExitPolicy):
     """Per-exit thresholds on one criterion.
 
     Args:
-        criterion: ``"entropy"`` or ``"max_prob"``.
+        criterion: ``"entropy"``, ``"max_prob"``, ``"margin"`` or ``"learned"`` (its direction).
         thresholds: one threshold per early exit (``E − 1`` values; the final exit takes all).
+        scorers: optional per-early-exit score modules ``logits (B, C) -> (B,)`` used instead
+            of the plain criterion — :class:`TemperatureScorer` or a learned confidence model
+            (:mod:`offramp.confidence`); they must score in the criterion's direction.
 
     Example:
         >>> import torch
@@ -117,12 +273,25 @@ class ThresholdPolicy:
 
     criterion: str
     thresholds: tuple[float, ...]
+    scorers: tuple[nn.Module, ...] | None = None
 
     def __post_init__(self) -> None:
         get_criterion(self.criterion)
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
         if any(math.isnan(t) for t in self.thresholds):
             raise ConfigError(f"thresholds must not be NaN, got {self.thresholds}")
+        if self.scorers is not None:
+            object.__setattr__(self, "scorers", tuple(self.scorers))
+            if len(self.scorers) != len(self.thresholds):
+                raise ConfigError(
+                    f"got {len(self.scorers)} scorers for {len(self.thresholds)} early exits; "
+                    "give one per early exit"
+                )
+        elif self.criterion == "learned":
+            raise ConfigError(
+                "criterion 'learned' needs scorers: fit them with "
+                "offramp.confidence.fit_learned_confidence"
+            )
 
     @classmethod
     def never(cls, num_exits: int, criterion: str = "entropy") -> ThresholdPolicy:
@@ -130,7 +299,7 @@ class ThresholdPolicy:
         return cls(criterion, (get_criterion(criterion).never,) * (num_exits - 1))
 
     @property
-    def num_exits(self) -> int:
+    def num_exits(self) -> int:  # type: ignore[override]
         return len(self.thresholds) + 1
 
     @property
@@ -145,9 +314,22 @@ class ThresholdPolicy:
                 f"exits; give one threshold per early exit ({num_exits - 1})"
             )
 
+    def scorer(self, i: int) -> nn.Module | Callable[[Tensor], Tensor]:
+        """The score function of early exit ``i``."""
+        if self.scorers is not None:
+            return self.scorers[i]
+        return get_criterion(self.criterion).score
+
     def scores(self, logits: Tensor) -> Tensor:
-        """Scores of ``(..., C)`` logits under this policy's criterion."""
-        return get_criterion(self.criterion).score(logits)
+        """Scores of every exit, ``(E, N, C) -> (E, N)`` (the final exit scored like the last
+        early one when per-exit scorers are used); with plain criteria any ``(..., C)``."""
+        if self.scorers is None:
+            return get_criterion(self.criterion).score(logits)
+        with torch.no_grad():
+            rows = [
+                self.scorers[min(i, len(self.scorers) - 1)](logits[i]) for i in range(len(logits))
+            ]
+        return torch.stack(rows)
 
     def fires(self, logits: Tensor, i: int) -> Tensor:
         """Which samples leave at early exit ``i``, from that exit's logits ``(B, C) -> (B,)``."""
@@ -155,7 +337,7 @@ class ThresholdPolicy:
             raise ShapeError(
                 f"exit {i} has no threshold; valid early exits: 0 … {len(self.thresholds) - 1}"
             )
-        return fires(self.scores(logits), self.thresholds[i], self.lower_is_confident)
+        return fires(self.scorer(i)(logits), self.thresholds[i], self.lower_is_confident)
 
     def decide(self, scores: Tensor) -> Tensor:
         """Exit index of every sample from all exits' scores ``(E, N) -> (N,)`` (first firing)."""
@@ -166,5 +348,49 @@ class ThresholdPolicy:
         fire = torch.cat([fire, torch.ones_like(fire[:1])], dim=0)  # (E, N), final always fires
         return fire.to(torch.int8).argmax(dim=0)  # first True along exits
 
+    def exit_tests(self) -> list[nn.Module]:
+        """One :class:`ThresholdTest` per early exit."""
+        lower = self.lower_is_confident
+        return [ThresholdTest(self.scorer(i), t, lower) for i, t in enumerate(self.thresholds)]
+
     def to_dict(self) -> dict[str, object]:
-        return {"criterion": self.criterion, "thresholds": list(self.thresholds)}
+        d: dict[str, object] = {"criterion": self.criterion, "thresholds": list(self.thresholds)}
+        if self.scorers is not None:
+            d["scorers"] = [type(m).__name__ for m in self.scorers]
+        return d
+
+
+@dataclass(frozen=True)
+class PatiencePolicy(ExitPolicy):
+    """PABEE (Zhou et al. 2020): leave at exit ``i`` once exits ``i − patience … i`` all predict
+    the same class; the final exit takes the rest.
+
+    Args:
+        num_exits: exits of the network.
+        patience: consecutive agreements needed (``≥ 1``); ``patience ≥ num_exits`` never exits
+            early.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[[1.0, 0.0]], [[2.0, 0.0]], [[0.0, 1.0]]])  # 0, 0, 1
+        >>> decide(PatiencePolicy(3, 1), logits).tolist()  # exits 0 and 1 agree
+        [1]
+    """
+
+    num_exits: int  # type: ignore[misc]
+    patience: int
+    state_size: ClassVar[int] = 2
+
+    def __post_init__(self) -> None:
+        if self.num_exits < 1 or self.patience < 1:
+            raise ConfigError(
+                f"patience needs num_exits ≥ 1 and patience ≥ 1, got {self.num_exits}, "
+                f"{self.patience}"
+            )
+
+    def exit_tests(self) -> list[nn.Module]:
+        """One :class:`PatienceTest` per early exit."""
+        return [PatienceTest(self.patience, i == 0) for i in range(self.num_exits - 1)]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"policy": "patience", "patience": self.patience}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from offramp.costs import CostProfile
 from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork, check_input
-from offramp.policies import ThresholdPolicy, get_criterion
+from offramp.policies import ExitPolicy
 
 __all__ = ["MODES", "EarlyExitRuntime", "RuntimeResult"]
 
@@ -47,21 +47,17 @@ class RuntimeResult:
 
 
 class _Step(nn.Module):
-    """body → head → exit test, as one module: ``h -> (h_next, logits, leave)``."""
+    """body → head → exit test, as one module: ``(h, state) -> (h_next, logits, leave, state)``."""
 
-    def __init__(self, body: nn.Module, head: nn.Module, criterion: str, threshold: float):
+    def __init__(self, body: nn.Module, head: nn.Module, test: nn.Module):
         super().__init__()
-        self.body, self.head = body, head
-        self.entropy = criterion == "entropy"
-        self.score = get_criterion(criterion).score
-        self.register_buffer("threshold", torch.tensor(threshold), persistent=False)
+        self.body, self.head, self.test = body, head, test
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, h: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         h = self.body(h)
         logits = self.head(h)
-        s = self.score(logits)
-        leave = s < self.threshold if self.entropy else s > self.threshold
-        return h, logits, leave
+        leave, state = self.test(logits, state)
+        return h, logits, leave, state
 
 
 class _Final(nn.Module):
@@ -73,7 +69,7 @@ class _Final(nn.Module):
         return self.head(self.body(h))
 
 
-def _script(module: nn.Module, example: Tensor) -> nn.Module:
+def _script(module: nn.Module, *example: Tensor) -> nn.Module:
     """Trace and freeze ``module`` for inference, then let ``optimize_for_inference`` fuse
     conv/bn/relu and move convolutions to oneDNN layouts. Graphs whose optimised form fails or
     disagrees with eager on ``example`` (some oneDNN kernels have shape limits) keep the plain
@@ -84,12 +80,14 @@ def _script(module: nn.Module, example: Tensor) -> nn.Module:
         def frozen() -> torch.jit.ScriptModule:
             return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
 
-        want = module(example)
+        want = module(*example)
         try:  # optimize_for_inference rewrites its argument in place: give it its own copy
             fast = torch.jit.optimize_for_inference(frozen())
-            got = fast(example)
+            got = fast(*example)
             same = all(
-                torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+                torch.equal(a, b)
+                if not a.is_floating_point()
+                else torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
                 for a, b in zip(_as_tuple(got), _as_tuple(want), strict=True)
             )
         except RuntimeError:
@@ -102,11 +100,12 @@ def _as_tuple(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 class EarlyExitRuntime:
-    """Run a ``MultiExitNetwork`` with a threshold policy, really skipping computation.
+    """Run a ``MultiExitNetwork`` with an exit policy, really skipping computation.
 
     Args:
         net: the network (used in eval mode; its parameters are not copied in eager mode).
-        policy: one threshold per early exit.
+        policy: any :class:`~offramp.policies.ExitPolicy` (thresholds on a criterion, with
+            temperature or learned scorers; patience).
         costs: optional cost profile, to report each sample's FLOPs.
         mode: ``"eager"`` (plain PyTorch) or ``"script"`` (each stage traced and frozen with
             TorchScript; needs ``example_input``).
@@ -127,7 +126,7 @@ class EarlyExitRuntime:
     def __init__(
         self,
         net: MultiExitNetwork,
-        policy: ThresholdPolicy,
+        policy: ExitPolicy,
         *,
         costs: CostProfile | None = None,
         mode: str = "eager",
@@ -158,18 +157,20 @@ class EarlyExitRuntime:
             torch.as_tensor(costs.cumulative, dtype=torch.float64) if costs is not None else None
         )
         stages = net.stages()
+        tests = policy.exit_tests()
         steps: list[nn.Module] = [
-            _Step(s.body, s.head, policy.criterion, policy.thresholds[s.index]) for s in stages[:-1]
+            _Step(s.body, s.head, t) for s, t in zip(stages[:-1], tests, strict=True)
         ]
         final: nn.Module = _Final(stages[-1].body, stages[-1].head)
         if mode == "script":
             assert example_input is not None
             h = example_input
+            state = policy.initial_state(h.shape[0], h.device)
             scripted = []
             with torch.no_grad():
                 for st in steps:
-                    scripted.append(_script(st, h))
-                    h = st(h)[0]
+                    scripted.append(_script(st, h, state))
+                    h, _, _, state = st(h, state)
                 final = _script(final, h)
             steps = scripted
         self._steps = steps
@@ -204,8 +205,9 @@ class EarlyExitRuntime:
         idx = torch.arange(n)
         out: Tensor | None = None
         h = x
+        state = self.policy.initial_state(n, x.device)
         for i, step in enumerate(self._steps):
-            h, logits, leave = step(h)
+            h, logits, leave, state = step(h, state)
             if out is None:
                 out = logits.new_empty((n, logits.shape[1]))
             gone = leave.nonzero().squeeze(1)  # the one host sync of this stage
@@ -213,7 +215,7 @@ class EarlyExitRuntime:
                 out[idx[gone]] = logits[gone]
                 exits[idx[gone]] = i
                 stay = (~leave).nonzero().squeeze(1)
-                h, idx = h[stay], idx[stay]
+                h, idx, state = h[stay], idx[stay], state[stay]
             if idx.numel() == 0:
                 break
         else:
@@ -240,8 +242,9 @@ class EarlyExitRuntime:
             if x.shape[0] != 1:
                 raise ConfigError(f"run_one takes a batch of one sample, got {x.shape[0]}")
         h = x
+        state = self.policy.initial_state(1, x.device)
         for i, step in enumerate(self._steps):
-            h, logits, leave = step(h)
+            h, logits, leave, state = step(h, state)
             if bool(leave[0]):
                 return int(logits[0].argmax()), i, logits[0]
         logits = self._final(h)
