@@ -1,0 +1,178 @@
+"""The threshold grid every calibrator searches, vectorised over samples and combinations.
+
+Candidates per early exit sit at midpoints between neighbouring distinct scores ("never" first,
+"always" last), so a chosen threshold never equals a calibration sample's score and tiny
+numerical differences do not flip a decision. :func:`evaluate_grid` counts, for every
+combination of candidates, how many samples leave at each exit and how many are right;
+:func:`search` picks the combination a selection rule prefers — over the whole grid when it is
+small enough, else by coordinate descent (one exit at a time, the others pinned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from offramp.errors import ConfigError
+from offramp.evaluation import ExitRecord
+
+__all__ = [
+    "GridResult",
+    "SearchResult",
+    "candidate_thresholds",
+    "evaluate_grid",
+    "record_scores",
+    "search",
+]
+
+
+def record_scores(
+    record: ExitRecord, criterion: str, scorers: Sequence[nn.Module] | None = None
+) -> torch.Tensor:
+    """Scores of every exit on ``record``, ``(E, N)``: the plain criterion, or per-exit
+    ``scorers`` for the early exits (the final exit's row is never used to decide)."""
+    if scorers is None:
+        return record.scores(criterion)
+    if len(scorers) != record.num_exits - 1:
+        raise ConfigError(
+            f"got {len(scorers)} scorers for {record.num_exits - 1} early exits; give one each"
+        )
+    with torch.no_grad():
+        rows = [scorers[i](record.logits[i]) for i in range(record.num_exits - 1)]
+    rows.append(torch.zeros_like(rows[0]) if rows else torch.zeros(record.num_samples))
+    return torch.stack(rows).float()
+
+
+def candidate_thresholds(scores: np.ndarray, num: int, lower_is_confident: bool) -> np.ndarray:
+    """Candidate thresholds for one exit: "never", up to ``num`` quantile cuts, "always".
+
+    Cuts are midpoints between neighbouring distinct score values, taken at evenly spaced
+    quantiles, sorted from the least to the most permissive.
+
+    Example:
+        >>> candidate_thresholds(np.array([0.1, 0.2, 0.4]), 10, True).tolist()
+        [-inf, 0.15000000000000002, 0.30000000000000004, inf]
+    """
+    u = np.unique(np.asarray(scores, dtype=np.float64))
+    u = u[np.isfinite(u)]
+    mids = (u[:-1] + u[1:]) / 2
+    if len(mids) > num:
+        pick = np.unique(np.round(np.linspace(0, len(mids) - 1, num)).astype(np.int64))
+        mids = mids[pick]
+    if not lower_is_confident:
+        mids = mids[::-1]
+    never, always = (-np.inf, np.inf) if lower_is_confident else (np.inf, -np.inf)
+    return np.concatenate([[never], mids, [always]])
+
+
+@dataclass(frozen=True)
+class GridResult:
+    """Exit counts and correct counts of every threshold combination of a grid.
+
+    Attributes:
+        counts: ``(M, E)`` samples leaving at each exit, per combination.
+        correct: ``(M,)`` correct predictions per combination.
+    """
+
+    counts: np.ndarray
+    correct: np.ndarray
+
+
+def _fire_matrix(scores: torch.Tensor, cands: np.ndarray, lower: bool) -> torch.Tensor:
+    s = scores.double()[None, :]  # (1, N)
+    t = torch.as_tensor(cands, dtype=torch.float64)[:, None]  # (K, 1)
+    return s < t if lower else s > t  # (K, N)
+
+
+def evaluate_grid(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    candidates: list[np.ndarray],
+    lower_is_confident: bool,
+) -> GridResult:
+    """Evaluate every combination of candidate thresholds (product order, last exit fastest).
+
+    Args:
+        scores: ``(E, N)`` scores of every exit.
+        correct: ``(E, N)`` whether each exit is right.
+        candidates: ``E − 1`` arrays of thresholds.
+        lower_is_confident: criterion direction.
+    """
+    e, n = scores.shape
+    alive = torch.ones(1, n, dtype=torch.bool)  # (M, N): still running, per combination
+    counts = np.zeros((1, 0), dtype=np.int64)
+    right = np.zeros(1, dtype=np.int64)
+    for i in range(e - 1):
+        fire = _fire_matrix(scores[i], candidates[i], lower_is_confident)  # (K, N)
+        leave = alive[:, None, :] & fire[None, :, :]  # (M, K, N)
+        m, k = leave.shape[:2]
+        cnt = leave.sum(dim=2).numpy().reshape(m * k, 1)
+        ok = (leave & correct[i][None, None, :]).sum(dim=2).numpy().reshape(m * k)
+        counts = np.concatenate([np.repeat(counts, k, axis=0), cnt], axis=1)
+        right = np.repeat(right, k) + ok
+        alive = (alive[:, None, :] & ~fire[None, :, :]).reshape(m * k, n)
+    counts = np.concatenate([counts, alive.sum(dim=1).numpy()[:, None]], axis=1)
+    right = right + (alive & correct[-1][None, :]).sum(dim=1).numpy()
+    return GridResult(counts=counts, correct=right)
+
+
+def _fixed(cands: list[np.ndarray], choice: list[int], free: int | None) -> list[np.ndarray]:
+    """Candidate lists with every exit but ``free`` pinned to its chosen threshold."""
+    return [c if i == free else c[[j]] for i, (c, j) in enumerate(zip(cands, choice, strict=True))]
+
+
+#: ``select(grid, current) -> index`` of the preferred combination of ``grid`` (raises
+#: ``ConfigError`` when none is acceptable); ``current`` is the index of the incumbent, if any.
+Select = Callable[[GridResult, int | None], int]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen combination: candidate index per early exit, exit counts, correct count."""
+
+    choice: list[int]
+    counts: np.ndarray
+    correct: int
+    method: str
+
+
+def search(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    candidates: list[np.ndarray],
+    lower_is_confident: bool,
+    select: Select,
+    *,
+    start: list[int] | None = None,
+    max_combinations: int = 20_000,
+    max_sweeps: int = 20,
+) -> SearchResult:
+    """The combination of candidate thresholds that ``select`` prefers.
+
+    Exhaustive when the grid has at most ``max_combinations`` points; otherwise coordinate
+    descent from ``start`` (default: "never" at every exit), re-optimising one exit at a time
+    with the others pinned until a full sweep changes nothing (at most ``max_sweeps``). Each
+    step's grid includes the incumbent, so the objective never gets worse.
+    """
+    sizes = [len(c) for c in candidates]
+    if int(np.prod(sizes)) <= max_combinations:
+        grid = evaluate_grid(scores, correct, candidates, lower_is_confident)
+        best = select(grid, None)
+        choice = [int(j) for j in np.unravel_index(best, sizes)] if candidates else []
+        return SearchResult(choice, grid.counts[best], int(grid.correct[best]), "exhaustive")
+    choice = list(start) if start is not None else [0] * len(candidates)
+    for _sweep in range(max_sweeps):
+        changed = False
+        for i in range(len(candidates)):
+            grid = evaluate_grid(scores, correct, _fixed(candidates, choice, i), lower_is_confident)
+            b = select(grid, choice[i])
+            changed |= b != choice[i]
+            choice[i] = b
+        if not changed:
+            break
+    grid = evaluate_grid(scores, correct, _fixed(candidates, choice, None), lower_is_confident)
+    return SearchResult(choice, grid.counts[0], int(grid.correct[0]), "coordinate")
