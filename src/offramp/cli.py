@@ -70,6 +70,38 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from offramp.runs import evaluate_run, format_evaluation
+
+    r = evaluate_run(args.run_dir, allow_pickle=args.allow_pickle, cost=args.cost)
+    print(format_evaluation(r))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from offramp.runs import calibrate_run, format_calibration
+
+    r = calibrate_run(
+        args.run_dir,
+        target_drop_pp=args.target_drop,
+        budget=args.budget,
+        allow_pickle=args.allow_pickle,
+        cost=args.cost,
+    )
+    print(format_calibration(r))
+    return 0
+
+
+def _run_dir_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a directory written by `offramp train`")
+    p.add_argument("--cost", choices=["flops", "latency"], default="flops")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load scikit-learn heads (pickled) from model.pt; only for files you trust",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     from offramp.demo import DemoConfig
     from offramp.heads import HEADS
@@ -97,6 +129,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="per-exit accuracy, oracle, overthinking, calibration error and Pareto front of a run",
+    )
+    _run_dir_args(ev)
+    ev.set_defaults(func=_evaluate)
+    cal = sub.add_parser(
+        "calibrate",
+        help="calibrate every exit policy on validation for a goal and report it on test",
+    )
+    _run_dir_args(cal)
+    goal = cal.add_mutually_exclusive_group(required=True)
+    goal.add_argument(
+        "--target-drop", type=float, metavar="PP", help="accuracy drop allowed, percentage points"
+    )
+    goal.add_argument(
+        "--budget", type=float, metavar="B", help="expected cost allowed, fraction of the full"
+    )
+    cal.set_defaults(func=_calibrate)
     train = sub.add_parser(
         "train",
         help="train a multi-exit network as a YAML/JSON config describes (see configs/README.md)",

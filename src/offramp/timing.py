@@ -6,7 +6,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["compare_wallclock"]
+__all__ = ["compare_wallclock", "exit_latencies"]
 
 
 def compare_wallclock(
@@ -34,3 +34,34 @@ def compare_wallclock(
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
     return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def exit_latencies(net: object, x: object, *, repeats: int = 5, warmup: int = 2) -> list[float]:
+    """Measured cost ``C_i`` of every exit: seconds per sample to run ``net.truncate(i)`` (all
+    blocks up to exit ``i`` and every head on the way) on the batch ``x``, in eval mode without
+    gradients, timed side by side (median of ``repeats``). Usable wherever a cost vector is.
+
+    Example:
+        >>> import torch
+        >>> from offramp.models import mlp
+        >>> lat = exit_latencies(mlp(4, 3, hidden=(8, 8)), torch.randn(16, 4), repeats=2)
+        >>> len(lat)
+        2
+    """
+    import torch
+
+    n = x.shape[0]  # type: ignore[attr-defined]
+    net.eval()  # type: ignore[attr-defined]
+    paths = {i: net.truncate(i) for i in range(net.num_exits)}  # type: ignore[attr-defined]
+
+    def runner(m: object) -> Callable[[], object]:
+        def run() -> object:
+            with torch.no_grad():
+                return m(x)  # type: ignore[operator]
+
+        return run
+
+    t = compare_wallclock(
+        {str(i): runner(m) for i, m in paths.items()}, repeats=repeats, warmup=warmup
+    )
+    return [t[str(i)] / n for i in range(len(paths))]

@@ -1,0 +1,164 @@
+"""Calibrate every policy family on one split and report them on another.
+
+Families: thresholds on entropy, max-prob and margin — plain, and on temperature-scaled logits
+(temperatures fitted on the calibration split) — learned confidence, one shared threshold by
+error feedback, and patience (the cheapest ``k`` meeting the goal on the calibration split).
+The goal is either a target accuracy (``delta``: loss allowed relative to the final exit) or a
+cost budget (``budget``: fraction of the full network's cost). Every family is fitted on the
+calibration record only; :func:`report` then measures each on the test record: accuracy, drop
+relative to the final exit, relative expected cost, share of the oracle's saving captured, and
+whether the goal still holds there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from offramp.analysis import oracle_saving_captured, oracle_summary
+from offramp.calibration.budget import BudgetCalibrator
+from offramp.calibration.single import SingleThresholdCalibrator
+from offramp.calibration.target import ThresholdCalibrator
+from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
+from offramp.errors import ConfigError
+from offramp.evaluation import ExitRecord
+from offramp.policies import ExitPolicy, PatiencePolicy, decide
+
+__all__ = ["CalibratedPolicy", "calibrate_policies", "report"]
+
+CRITERIA = ("entropy", "max_prob", "margin")
+
+
+@dataclass
+class CalibratedPolicy:
+    """A policy chosen on the calibration split, with what it reached there.
+
+    Attributes:
+        name: family name (``entropy``, ``max_prob+T``, ``learned``, ``patience`` …).
+        policy: the policy.
+        val_accuracy: accuracy on the calibration split.
+        val_cost: relative expected cost on the calibration split.
+        seconds: time its calibration took.
+    """
+
+    name: str
+    policy: ExitPolicy
+    val_accuracy: float
+    val_cost: float
+    seconds: float
+
+
+def _evaluate(policy: ExitPolicy, record: ExitRecord, rel: np.ndarray) -> tuple[float, float]:
+    exits = decide(policy, record.logits).numpy()
+    return record.accuracy(exits), float(rel[exits].mean())
+
+
+def calibrate_policies(
+    val: ExitRecord,
+    cumulative: np.ndarray,
+    *,
+    delta: float | None = None,
+    budget: float | None = None,
+) -> list[CalibratedPolicy]:
+    """Fit every family on ``val`` for one goal: ``delta`` (target accuracy) or ``budget``."""
+    if (delta is None) == (budget is None):
+        raise ConfigError("give exactly one goal: delta (target accuracy) or budget (cost)")
+    rel = np.asarray(cumulative, dtype=np.float64)
+    rel = rel / rel[-1]
+    final = float(val.correct()[-1].double().mean())
+    out: list[CalibratedPolicy] = []
+
+    def add(name: str, make: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            policy = make()
+        except ConfigError:  # the goal is out of this family's reach on val
+            return
+        secs = time.perf_counter() - t0
+        acc, cost = _evaluate(policy, val, rel)
+        out.append(CalibratedPolicy(name, policy, acc, cost, secs))
+
+    t0 = time.perf_counter()
+    temps = fit_temperatures(val)
+    learned = fit_learned_confidence(val)
+    fit_secs = time.perf_counter() - t0
+    families: list[tuple[str, str, Any]] = [(c, c, None) for c in CRITERIA]
+    families += [(f"{c}+T", c, temperature_scorers(c, temps)) for c in CRITERIA]
+    families.append(("learned", "learned", learned))
+    for name, crit, sc in families:
+        if delta is not None:
+            add(
+                name,
+                lambda c=crit, s=sc: ThresholdCalibrator(c, delta, scorers=s).fit(val, rel).policy_,
+            )
+        else:
+            add(
+                name,
+                lambda c=crit, s=sc: BudgetCalibrator(c, budget, scorers=s).fit(val, rel).policy_,
+            )
+    if delta is not None:
+        add(
+            "single-τ entropy",
+            lambda: SingleThresholdCalibrator("entropy", delta).fit(val, rel).policy_,
+        )
+
+    def patience() -> ExitPolicy:
+        e = val.num_exits
+        best = None
+        for k in range(1, e):
+            pol = PatiencePolicy(e, k)
+            acc, cost = _evaluate(pol, val, rel)
+            ok = acc >= final - delta - 1e-12 if delta is not None else cost <= budget + 1e-12  # type: ignore[operator]
+            if ok and (best is None or cost < best[1]):
+                best = (pol, cost)
+        if best is None:
+            raise ConfigError("no patience meets the goal")
+        return best[0]
+
+    add("patience", patience)
+    for p in out:  # fitting temperatures / learned confidence is part of those families' cost
+        if p.name.endswith("+T") or p.name == "learned":
+            p.seconds += fit_secs
+    return out
+
+
+def report(
+    policies: list[CalibratedPolicy],
+    test: ExitRecord,
+    cumulative: np.ndarray,
+    *,
+    delta: float | None = None,
+    budget: float | None = None,
+) -> dict[str, Any]:
+    """Every calibrated policy measured on ``test``, with the oracle for reference."""
+    rel = np.asarray(cumulative, dtype=np.float64)
+    rel = rel / rel[-1]
+    final = float(test.correct()[-1].double().mean())
+    oracle = oracle_summary(test, rel)
+    rows = []
+    for p in policies:
+        acc, cost = _evaluate(p.policy, test, rel)
+        held = acc >= final - delta - 1e-12 if delta is not None else cost <= budget + 1e-12  # type: ignore[operator]
+        rows.append(
+            {
+                "policy": p.name,
+                "description": p.policy.to_dict(),  # type: ignore[attr-defined]
+                "val_accuracy": p.val_accuracy,
+                "val_relative_cost": p.val_cost,
+                "test_accuracy": acc,
+                "accuracy_drop_pp": 100 * (final - acc),
+                "relative_cost": cost,
+                "oracle_saving_captured": oracle_saving_captured(cost, oracle["relative_cost"]),
+                "goal_held_on_test": bool(held),
+                "calibration_seconds": p.seconds,
+            }
+        )
+    return {
+        "goal": {"delta": delta} if delta is not None else {"budget": budget},
+        "final_exit_accuracy": final,
+        "oracle": oracle,
+        "policies": rows,
+    }

@@ -1,0 +1,196 @@
+"""``offramp evaluate RUN_DIR`` and ``offramp calibrate RUN_DIR``: analyse a trained run.
+
+A run directory is what ``offramp train`` writes (``model.pt``, ``config.json``). Both commands
+rebuild the network and its data splits, collect one :class:`~offramp.evaluation.ExitRecord` on
+the validation split (for fitting) and one on the test split (for reporting), and write their
+results under ``RUN_DIR/analysis/``:
+
+- ``evaluate``: per-exit accuracy, the oracle, overthinking, per-exit ECE before/after
+  temperature scaling, and the accuracy–cost Pareto front (JSON + plot);
+- ``calibrate``: every policy family calibrated on validation for a target accuracy drop or a
+  cost budget, measured on test (JSON + plot), with the oracle's saving captured by each.
+
+Costs are FLOPs (``torch.utils.flop_counter``) or measured latency per exit (``--cost latency``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offramp.analysis import calibration_table, oracle_summary, overthinking
+from offramp.calibration import calibrate_policies, pareto_front, report
+from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
+from offramp.costs import profile
+from offramp.errors import ConfigError, DataError
+from offramp.evaluation import ExitRecord
+from offramp.report import format_table
+from offramp.timing import exit_latencies
+
+__all__ = ["calibrate_run", "evaluate_run", "format_calibration", "format_evaluation", "load_run"]
+
+
+def load_run(
+    run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "flops"
+) -> tuple[ExitRecord, ExitRecord, np.ndarray, dict[str, Any]]:
+    """``(validation record, test record, cumulative cost C_i, info)`` of a trained run."""
+    from offramp.training.job import load_config, load_datasets, load_model
+
+    run = Path(run_dir)
+    for f in ("model.pt", "config.json"):
+        if not (run / f).is_file():
+            raise DataError(f"{run} has no {f}: is it a directory written by `offramp train`?")
+    cfg = load_config(run / "config.json")
+    net = load_model(run / "model.pt", allow_pickle=allow_pickle)
+    data = load_datasets(cfg)
+    if len(data.val[1]) == 0:
+        raise ConfigError(
+            f"{run} was trained with val_fraction 0: there is no held-out split to fit on; "
+            "retrain with val_fraction > 0"
+        )
+    val = ExitRecord.collect(net, data.val)
+    test = ExitRecord.collect(net, data.test)
+    if cost == "flops":
+        cum = profile(net, data.test[0][:1]).cumulative
+    elif cost == "latency":
+        cum = np.asarray(exit_latencies(net, data.test[0][:256]))
+    else:
+        raise ConfigError(f"unknown cost {cost!r}; choose 'flops' or 'latency'")
+    info = {"run_dir": str(run), "cost": cost, "cumulative": np.asarray(cum).tolist()}
+    return val, test, np.asarray(cum, dtype=np.float64), info
+
+
+def _write(out: Path, name: str, result: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
+def evaluate_run(
+    run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "flops", plot: bool = True
+) -> dict[str, Any]:
+    """Everything :mod:`offramp.analysis` says about the run, written to ``analysis/``."""
+    val, test, cum, info = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
+    temps = fit_temperatures(val)
+    scorers = {
+        "entropy+T": ("entropy", temperature_scorers("entropy", temps)),
+        "learned": ("learned", fit_learned_confidence(val)),
+    }
+    front = pareto_front(test, cum, scorers=scorers)
+    result = {
+        **info,
+        "exit_accuracy": test.exit_accuracy().tolist(),
+        "oracle": oracle_summary(test, cum),
+        "overthinking": overthinking(test),
+        "calibration": calibration_table(val, test),
+        "pareto": front.to_dict(),
+    }
+    out = Path(run_dir) / "analysis"
+    result["json"] = str(_write(out, "evaluate.json", result))
+    if plot:
+        result["plot"] = str(front.plot(out / "pareto.png", title="test split"))
+    return result
+
+
+def calibrate_run(
+    run_dir: str | Path,
+    *,
+    target_drop_pp: float | None = None,
+    budget: float | None = None,
+    allow_pickle: bool = False,
+    cost: str = "flops",
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Every policy family calibrated on validation for the goal, reported on test."""
+    if (target_drop_pp is None) == (budget is None):
+        raise ConfigError("give exactly one of --target-drop (percentage points) or --budget")
+    delta = None if target_drop_pp is None else target_drop_pp / 100
+    val, test, cum, info = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
+    policies = calibrate_policies(val, cum, delta=delta, budget=budget)
+    result = {**info, **report(policies, test, cum, delta=delta, budget=budget)}
+    out = Path(run_dir) / "analysis"
+    result["json"] = str(_write(out, "calibrate.json", result))
+    if plot:
+        result["plot"] = str(_plot_policies(result, out / "calibrate.png"))
+    return result
+
+
+def _plot_policies(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in result["policies"]:
+        ax.scatter(row["relative_cost"], row["test_accuracy"], s=20)
+        ax.annotate(row["policy"], (row["relative_cost"], row["test_accuracy"]), fontsize=7)
+    o = result["oracle"]
+    ax.scatter([o["relative_cost"]], [o["accuracy"]], marker="*", s=120, color="k")
+    ax.annotate("oracle", (o["relative_cost"], o["accuracy"]), fontsize=7)
+    ax.axhline(result["final_exit_accuracy"], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("expected cost / full network (test)")
+    ax.set_ylabel("accuracy (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_evaluation(r: dict[str, Any]) -> str:
+    """The evaluation as text tables."""
+    cal = {row["exit"]: row for row in r["calibration"]["exits"]}
+    ot = r["overthinking"]
+    rows = [
+        [
+            i,
+            f"{acc:.4f}",
+            f"{r['cumulative'][i] / r['cumulative'][-1]:.3f}",
+            f"{ot['to_final'][i]:.4f}" if i < len(r["exit_accuracy"]) - 1 else "-",
+            f"{cal[i]['temperature']:.3f}",
+            f"{cal[i]['ece_before']:.4f}",
+            f"{cal[i]['ece_after']:.4f}",
+        ]
+        for i, acc in enumerate(r["exit_accuracy"])
+    ]
+    head = ["exit", "accuracy", "C_i / C_L", "overthink→final", "T", "ECE", "ECE after T"]
+    o = r["oracle"]
+    lines = [
+        format_table(head, rows),
+        "",
+        f"oracle (earliest right exit): accuracy {o['accuracy']:.4f} at relative cost "
+        f"{o['relative_cost']:.3f}; final exit {ot['final_accuracy']:.4f}",
+        f"Pareto front: {len(r['pareto']['front'])} points of {len(r['pareto']['points'])}",
+        f"written to {r['json']}" + (f" and {r['plot']}" if "plot" in r else ""),
+    ]
+    return "\n".join(lines)
+
+
+def format_calibration(r: dict[str, Any]) -> str:
+    """The calibration report as a text table."""
+    head = ["policy", "val acc", "test acc", "drop pp", "cost", "oracle captured", "goal held"]
+    rows = [
+        [
+            p["policy"],
+            f"{p['val_accuracy']:.4f}",
+            f"{p['test_accuracy']:.4f}",
+            f"{p['accuracy_drop_pp']:+.2f}",
+            f"{p['relative_cost']:.3f}",
+            f"{p['oracle_saving_captured']:.3f}",
+            "yes" if p["goal_held_on_test"] else "no",
+        ]
+        for p in r["policies"]
+    ]
+    o = r["oracle"]
+    return "\n".join(
+        [
+            f"goal: {r['goal']}; final exit accuracy on test {r['final_exit_accuracy']:.4f}; "
+            f"oracle {o['accuracy']:.4f} at cost {o['relative_cost']:.3f} ({r['cost']})",
+            format_table(head, rows),
+            f"written to {r['json']}" + (f" and {r['plot']}" if "plot" in r else ""),
+        ]
+    )

@@ -1,0 +1,80 @@
+"""``offramp evaluate`` and ``offramp calibrate`` on a run written by ``offramp train``."""
+
+import json
+
+import numpy as np
+import pytest
+
+from offramp.analysis import oracle_saving_captured, overthinking
+from offramp.cli import main
+from offramp.evaluation import ExitRecord
+
+yaml = pytest.importorskip("yaml")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = out / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "digits",
+                "epochs": 3,
+                "lr": 3e-3,
+                "val_fraction": 0.3,
+                "output_dir": str(out / "run"),
+            }
+        )
+    )
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    return out / "run"
+
+
+def test_evaluate_writes_tables_json_and_plot(run_dir, capsys):
+    assert main(["evaluate", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "ECE after T" in text and "oracle" in text
+    r = json.loads((run_dir / "analysis" / "evaluate.json").read_text())
+    e = len(r["exit_accuracy"])
+    assert len(r["overthinking"]["pairs"]) == e and len(r["calibration"]["exits"]) == e
+    assert r["oracle"]["accuracy"] >= max(r["exit_accuracy"]) - 1e-12
+    assert (run_dir / "analysis" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("goal", [["--target-drop", "0.5"], ["--budget", "0.5"]])
+def test_calibrate_reports_every_family(run_dir, goal, capsys):
+    assert main(["calibrate", str(run_dir), *goal]) == 0
+    assert "goal held" in capsys.readouterr().out
+    r = json.loads((run_dir / "analysis" / "calibrate.json").read_text())
+    names = {p["policy"] for p in r["policies"]}
+    assert {"entropy", "max_prob", "margin", "entropy+T", "learned"} <= names
+    for p in r["policies"]:
+        assert 0 <= p["relative_cost"] <= 1 and 0 <= p["test_accuracy"] <= 1
+        if goal[0] == "--budget":
+            assert p["val_relative_cost"] <= 0.5 + 1e-9
+
+
+def test_calibrate_needs_exactly_one_goal(run_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(run_dir)])
+    assert main(["calibrate", str(run_dir / "nope"), "--budget", "0.5"]) == 2
+    assert "offramp train" in capsys.readouterr().err
+
+
+def test_overthinking_and_oracle_capture_by_hand():
+    # exits right/wrong per sample: exit0 [1,0,1], exit1 [0,1,1]
+    logits = np.zeros((2, 3, 2), dtype=np.float32)
+    labels = np.array([0, 0, 1])
+    logits[0, :, 0] = [1, 0, 0]
+    logits[0, :, 1] = [0, 1, 1]
+    logits[1, :, 0] = [0, 1, 0]
+    logits[1, :, 1] = [1, 0, 1]
+    import torch
+
+    rec = ExitRecord(torch.from_numpy(logits), torch.from_numpy(labels))
+    o = overthinking(rec)
+    assert o["pairs"][0][1] == pytest.approx(1 / 3)  # sample 0: right at 0, wrong at 1
+    assert o["earliest_right_accuracy"] == 1.0 and o["final_accuracy"] == pytest.approx(2 / 3)
+    assert oracle_saving_captured(1.0, 0.5) == 0.0
+    assert oracle_saving_captured(0.5, 0.5) == 1.0
