@@ -28,7 +28,7 @@ def oracle_saving_captured(policy_cost: float, oracle_cost: float, full_cost: fl
     """``(C_L − policy) / (C_L − oracle)``: 1 = all of the oracle's saving, 0 = none.
 
     Example:
-        >>> oracle_saving_captured(0.4, 0.2)
+        >>> oracle_saving_captured(0.625, 0.5)  # saves 0.375 of the oracle's 0.5
         0.75
     """
     room = full_cost - oracle_cost
