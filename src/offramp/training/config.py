@@ -45,12 +45,13 @@ class TrainConfig:
             by ``seed``, to report per-exit validation accuracy after every epoch; ``0`` for
             none. For ``digits`` the test split is a fixed stratified 20 % of the 1,797 images.
         backbone: reference network, a name in :data:`offramp.models.MODELS` (``blenet``,
-            ``mlp``).
-        exits: block indices that carry early exits (``blenet``: any of 0, 1, 2); ``None``
-            keeps the backbone's default. ``mlp`` has an exit after every hidden layer and
-            accepts no ``exits``.
+            ``mlp``, ``resnet``).
+        exits: block indices that carry early exits (``blenet``: any of 0, 1, 2; ``resnet``:
+            0 … 5); ``None`` keeps the backbone's default. ``mlp`` has an exit after every
+            hidden layer and accepts no ``exits``.
         head: head of the early exits, a name in :data:`offramp.heads.HEADS`; ``None`` keeps
-            the backbone's default (``conv`` for ``blenet``, ``linear`` for ``mlp``).
+            the backbone's default (``conv`` for ``blenet``, ``linear`` for ``mlp``, ``pool``
+            for ``resnet``).
         epochs: passes over the training data.
         batch_size: samples per optimiser step (global: split over ranks under DDP).
         lr: learning rate.

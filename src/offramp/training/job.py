@@ -158,6 +158,18 @@ def build_network(cfg: TrainConfig, in_size: int, num_classes: int) -> MultiExit
         return blenet(
             in_size, num_classes, exits_after=exits, head=cfg.head or "conv", seed=cfg.seed
         )
+    if cfg.backbone == "resnet":
+        from offramp.models import resnet
+
+        return resnet(
+            in_size,
+            num_classes,
+            widths=(8, 16, 32),
+            blocks_per_stage=(2, 2, 2),
+            exits_after=cfg.exits,
+            head=cfg.head or "pool",
+            seed=cfg.seed,
+        )
     if cfg.exits is not None:
         raise ConfigError(
             f"backbone {cfg.backbone!r} has fixed exits (mlp: one after every hidden layer); "

@@ -1,0 +1,283 @@
+"""Exit policies, calibration and the real early-exit runtime on MNIST and Fashion-MNIST.
+
+For each dataset: a residual CNN (``offramp.models.resnet``, widths 16/32/64, two basic blocks
+per stage, exits after blocks 2 and 4 with pooled linear heads) is trained jointly; every policy
+family (entropy, max-prob, margin — plain and temperature-scaled — learned confidence, one
+shared threshold, patience) is calibrated on 5,000 held-out training images for a target
+accuracy drop of ``--target-drop`` percentage points; the family with the lowest expected cost
+*on the calibration split* is chosen (no test-set selection) and reported on the 10,000 test
+images: accuracy drop, expected FLOPs relative to the backbone, and the share of the oracle's
+saving it captures.
+
+Then wall-clock, side by side in one run (median of repeats after warm-up, order rotated):
+the plain backbone, the early-exit runtime with no exit firing, and the runtime with the
+chosen policy, over the whole test set in batches of 256 — in eager mode and with each stage
+traced and frozen by TorchScript; the faster mode is kept. Batch-1 latency p50/p95 for plain
+vs early exit on ``--batch1`` test images. The runtime's decisions are checked against the
+simulation on the record.
+
+Usage:
+    python benchmarks/runtime.py --json results/runtime.json
+
+Data: ``$OFFRAMP_DATA/mnist`` and ``$OFFRAMP_DATA/fashion-mnist`` (default ``../shared/data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from offramp.analysis import oracle_saving_captured, oracle_summary
+from offramp.calibration import calibrate_policies
+from offramp.costs import profile
+from offramp.data import load_mnist
+from offramp.evaluation import ExitRecord, simulate
+from offramp.models import resnet
+from offramp.policies import ThresholdPolicy
+from offramp.report import format_table
+from offramp.runtime import MODES, EarlyExitRuntime
+from offramp.timing import compare_wallclock
+from offramp.training import FitConfig, fit
+
+#: Keys every dataset's entry carries (the contract outside checks read).
+CONTRACT_KEYS = (
+    "overhead_no_exit",
+    "speedup_batch256",
+    "flops_speedup",
+    "oracle_saving_captured",
+    "accuracy_drop_pp",
+    "calibration_seconds",
+)
+DATASETS = ("mnist", "fashion-mnist")
+
+
+def build(seed: int) -> torch.nn.Module:
+    return resnet(28, 10, widths=(16, 32, 64), exits_after=(2, 4), head="pool", seed=seed)
+
+
+def batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    return [x[s : s + size] for s in range(0, x.shape[0], size)]
+
+
+def time_batched(rt_plain, rt_never, rt_policy, xs, repeats) -> dict[str, float]:
+    def over(fn):
+        def run():
+            with torch.no_grad():
+                for b in xs:
+                    fn(b)
+
+        return run
+
+    return compare_wallclock(
+        {"plain": over(rt_plain), "never": over(rt_never), "policy": over(rt_policy)},
+        repeats=repeats,
+    )
+
+
+def time_batch1(plain, rt, x: torch.Tensor) -> dict[str, list[float]]:
+    """Per-sample latencies, plain and early exit interleaved sample by sample."""
+    out: dict[str, list[float]] = {"plain": [], "early_exit": []}
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            xi = x[i : i + 1]
+            for name, fn in (("plain", plain), ("early_exit", rt.run_one)):
+                t0 = time.perf_counter()
+                fn(xi)
+                out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def pct(v: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(v), q))
+
+
+def run_dataset(name: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    x, y = load_mnist(root, "train")
+    xt, yt = load_mnist(root, "test")
+    n_train = min(x.shape[0] - args.val, args.train_limit or x.shape[0])
+    train, val = (x[:n_train], y[:n_train]), (x[-args.val :], y[-args.val :])
+    net = build(args.seed)
+    cfg = FitConfig(
+        epochs=args.epochs,
+        batch_size=128,
+        lr=args.lr,
+        weight_decay=5e-4,
+        lr_schedule="cosine",
+        seed=args.seed,
+        show_progress=not args.quiet,
+        checkpoint=str(Path(args.checkpoint_dir) / f"{name}-e{args.epochs}-n{n_train}.pt"),
+    )
+    hist = fit(net, train, cfg)
+    net.eval()
+    rec_val = ExitRecord.collect(net, val)
+    rec_test = ExitRecord.collect(net, (xt, yt))
+    prof = profile(net, xt[:1])
+    cum = prof.cumulative
+    rel = cum / cum[-1]
+    delta = args.target_drop / 100
+    t0 = time.perf_counter()
+    cands = calibrate_policies(rec_val, cum, delta=delta)
+    suite_seconds = time.perf_counter() - t0
+    final_val = float(rec_val.correct()[-1].double().mean())
+    ok = [c for c in cands if c.val_accuracy >= final_val - delta - 1e-12]
+    chosen = min(ok, key=lambda c: c.val_cost)
+    sim = simulate(rec_test, chosen.policy)
+    final_test = float(rec_test.correct()[-1].double().mean())
+    acc = rec_test.accuracy(sim.exits)
+    cost = float(rel[sim.exits].mean())
+    oracle = oracle_summary(rec_test, cum)
+    families = []
+    for c in cands:
+        s = simulate(rec_test, c.policy)
+        families.append(
+            {
+                "policy": c.name,
+                "val_accuracy": c.val_accuracy,
+                "val_relative_cost": c.val_cost,
+                "test_accuracy_drop_pp": 100 * (final_test - rec_test.accuracy(s.exits)),
+                "test_relative_cost": float(rel[s.exits].mean()),
+                "calibration_seconds": c.seconds,
+            }
+        )
+
+    xs = batches(xt, 256)
+    timing: dict[str, Any] = {}
+    for mode in MODES:
+        ex = xt[:4]
+        rt = EarlyExitRuntime(net, chosen.policy, mode=mode, example_input=ex, validate=False)
+        never = EarlyExitRuntime(
+            net, ThresholdPolicy.never(net.num_exits), mode=mode, example_input=ex, validate=False
+        )
+        res = torch.cat([rt(b).exits for b in xs])
+        assert np.array_equal(res.numpy(), sim.exits), f"{mode}: runtime != simulation"
+        t = time_batched(rt.plain_backbone(), never, rt, xs, args.repeats)
+        timing[mode] = {
+            "seconds": t,
+            "overhead_no_exit": t["never"] / t["plain"],
+            "speedup_batch256": t["plain"] / t["policy"],
+        }
+    mode = max(MODES, key=lambda m: timing[m]["speedup_batch256"])
+    rt = EarlyExitRuntime(net, chosen.policy, mode=mode, example_input=xt[:1], validate=False)
+    lat = time_batch1(rt.plain_backbone(), rt, xt[: args.batch1])
+    ee_one = [rt.run_one(xt[i : i + 1])[1] for i in range(args.batch1)]
+    assert np.array_equal(np.asarray(ee_one), sim.exits[: args.batch1]), "batch-1 != simulation"
+    return {
+        "overhead_no_exit": timing[mode]["overhead_no_exit"],
+        "speedup_batch256": timing[mode]["speedup_batch256"],
+        "flops_speedup": 1.0 / cost,
+        "oracle_saving_captured": oracle_saving_captured(cost, oracle["relative_cost"]),
+        "accuracy_drop_pp": 100 * (final_test - acc),
+        "calibration_seconds": chosen.seconds,
+        "speedup_over_flops_prediction": timing[mode]["speedup_batch256"] * cost,
+        "mode": mode,
+        "timing": timing,
+        "batch1": {
+            "plain_p50_ms": 1e3 * pct(lat["plain"], 50),
+            "plain_p95_ms": 1e3 * pct(lat["plain"], 95),
+            "early_exit_p50_ms": 1e3 * pct(lat["early_exit"], 50),
+            "early_exit_p95_ms": 1e3 * pct(lat["early_exit"], 95),
+            "speedup_mean": statistics.mean(lat["plain"]) / statistics.mean(lat["early_exit"]),
+            "samples": args.batch1,
+        },
+        "policy": chosen.name,
+        "policy_description": chosen.policy.to_dict(),  # type: ignore[attr-defined]
+        "final_exit_accuracy": final_test,
+        "early_exit_accuracy": acc,
+        "relative_cost": cost,
+        "exit_fractions": np.bincount(sim.exits, minlength=net.num_exits).tolist(),
+        "exit_accuracy": rec_test.exit_accuracy().tolist(),
+        "oracle": oracle,
+        "relative_cumulative_cost": rel.tolist(),
+        "policy_families": families,
+        "suite_calibration_seconds": suite_seconds,
+        "train_seconds": sum(h.seconds for h in hist),
+        "train_samples": n_train,
+    }
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    head = [
+        "dataset",
+        "policy",
+        "drop pp",
+        "FLOPs speedup",
+        "b=256 speedup",
+        "ratio",
+        "no-exit overhead",
+        "oracle captured",
+        "b=1 p50 plain/EE ms",
+        "calib s",
+    ]
+    rows = []
+    for ds, r in results.items():
+        b1 = r["batch1"]
+        rows.append(
+            [
+                ds,
+                r["policy"],
+                f"{r['accuracy_drop_pp']:+.2f}",
+                f"{r['flops_speedup']:.2f}x",
+                f"{r['speedup_batch256']:.2f}x ({r['mode']})",
+                f"{r['speedup_over_flops_prediction']:.2f}",
+                f"{r['overhead_no_exit']:.3f}",
+                f"{r['oracle_saving_captured']:.3f}",
+                f"{b1['plain_p50_ms']:.2f} / {b1['early_exit_p50_ms']:.2f}",
+                f"{r['calibration_seconds']:.3f}",
+            ]
+        )
+    return format_table(head, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--json", default="results/runtime.json")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--train-limit", type=int, default=30_000)
+    p.add_argument("--val", type=int, default=5000)
+    p.add_argument("--target-drop", type=float, default=0.1, help="percentage points")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch1", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default="results/checkpoints/runtime")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    base = Path(os.environ.get("OFFRAMP_DATA", "../shared/data"))
+    results: dict[str, Any] = {}
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for ds in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        root = base / ds
+        if not root.is_dir():
+            print(f"skipped {ds}: not found at {root} (set OFFRAMP_DATA)", file=sys.stderr)
+            continue
+        print(f"--- {ds}", file=sys.stderr)
+        results[ds] = run_dataset(ds, root, args)
+        out = {**results, "args": vars(args), "torch": torch.__version__}
+        path.write_text(json.dumps(out, indent=2))
+    if results:
+        print(table(results))
+        print(
+            "\nratio = measured b=256 speedup / FLOPs-predicted speedup (target ≥ 0.9); no-exit "
+            "overhead = runtime with no exit firing / plain backbone (target ≤ 1.03)"
+        )
+        print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
