@@ -145,3 +145,30 @@ def test_calibrator_with_scorers_meets_its_constraint(trained):
         assert cal.accuracy_ >= cal.final_accuracy_ - 0.01 - 1e-12
         assert cal.policy_.scorers is not None
         assert record.accuracy(simulate(record, cal.policy_).exits) == pytest.approx(cal.accuracy_)
+
+
+@pytest.mark.parametrize("name", ["max_prob+T", "learned", "patience1"])
+def test_compiled_runtime_agrees_with_simulation(trained, name):
+    net, (x, _), record = trained
+    policy = _policies(record)[name]
+    sim = simulate(record, policy)
+    rt = EarlyExitRuntime(net, policy, mode="compile", example_input=x[:8])
+    res = rt(x)
+    np.testing.assert_array_equal(res.exits.numpy(), sim.exits)
+    np.testing.assert_array_equal(res.predictions.numpy(), sim.predictions)
+    one = [rt.run_one(x[i : i + 1])[1] for i in range(0, x.shape[0], 25)]
+    np.testing.assert_array_equal(one, sim.exits[::25])
+
+
+def test_compiled_runtime_on_a_cnn_in_channels_last():
+    from offramp.models import resnet
+
+    net = resnet(8, 4, widths=(4, 8), blocks_per_stage=(1, 1), exits_after=(1,), seed=0).eval()
+    x = torch.rand(64, 1, 8, 8)
+    record = ExitRecord.collect(net, (x, torch.zeros(64, dtype=torch.long)))
+    policy = ThresholdPolicy("max_prob", _quantile_thresholds(record.scores("max_prob"), False))
+    sim = simulate(record, policy)
+    rt = EarlyExitRuntime(net, policy, mode="compile", example_input=x[:4])
+    np.testing.assert_array_equal(rt(x).exits.numpy(), sim.exits)
+    with torch.no_grad():
+        torch.testing.assert_close(rt.plain_backbone()(x), net.backbone()(x), rtol=1e-4, atol=1e-5)

@@ -6,13 +6,16 @@ only compute for the samples still running. The only host synchronisation is one
 stage — none per sample. The batch-1 path stops at the first exit that fires.
 
 Each stage is one module computing ``(h_i, logits_i, leave_i)`` — body, head and the exit test
-fused — and can be traced and frozen with TorchScript (``mode="script"``) to cut per-op
-overhead. Use :meth:`EarlyExitRuntime.plain_backbone` to time the plain backbone in the same
+fused — and can be traced and frozen with TorchScript (``mode="script"``), or compiled with
+``torch.compile`` (``mode="compile"``: a snapshot of the network in channels-last layout, each
+stage compiled by Inductor for any batch size, so stage boundaries cost no layout conversion).
+Use :meth:`EarlyExitRuntime.plain_backbone` to time the plain backbone in the same
 execution mode.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -26,7 +29,7 @@ from offramp.policies import ExitPolicy
 
 __all__ = ["MODES", "EarlyExitRuntime", "RuntimeResult"]
 
-MODES = ("eager", "script")
+MODES = ("eager", "script", "compile")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,19 @@ class _Step(nn.Module):
         logits = self.head(h)
         leave, state = self.test(logits, state)
         return h, logits, leave, state
+
+
+class _Layout(nn.Module):
+    """Hands its module channels-last inputs (what the compiled stages were built for)."""
+
+    def __init__(self, module: nn.Module, channels_last: bool) -> None:
+        super().__init__()
+        self.module, self.channels_last = module, channels_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.module(x)
 
 
 class _Final(nn.Module):
@@ -107,9 +123,11 @@ class EarlyExitRuntime:
         policy: any :class:`~offramp.policies.ExitPolicy` (thresholds on a criterion, with
             temperature or learned scorers; patience).
         costs: optional cost profile, to report each sample's FLOPs.
-        mode: ``"eager"`` (plain PyTorch) or ``"script"`` (each stage traced and frozen with
-            TorchScript; needs ``example_input``).
-        example_input: an example batch for ``mode="script"``.
+        mode: ``"eager"`` (plain PyTorch), ``"script"`` (each stage traced and frozen with
+            TorchScript) or ``"compile"`` (each stage compiled by ``torch.compile``, on a
+            snapshot of the network: later changes to ``net`` are not seen; needs a C++
+            compiler). The last two need ``example_input``.
+        example_input: an example batch for ``mode="script"`` and ``mode="compile"``.
         validate: check shape and finiteness of every input batch (one sync per batch).
 
     Example:
@@ -136,9 +154,9 @@ class EarlyExitRuntime:
         policy.check(net.num_exits)
         if mode not in MODES:
             raise ConfigError(f"unknown runtime mode {mode!r}; choose one of {MODES}")
-        if mode == "script" and example_input is None:
-            raise ConfigError("mode='script' traces each stage: pass example_input=x[:2]")
-        if mode == "script":
+        if mode in ("script", "compile") and example_input is None:
+            raise ConfigError(f"mode={mode!r} compiles each stage: pass example_input=x[:2]")
+        if mode in ("script", "compile"):
             untraceable = [
                 f"{name} ({type(m).__name__})"
                 for name, m in net.named_modules()
@@ -146,7 +164,7 @@ class EarlyExitRuntime:
             ]
             if untraceable:
                 raise ConfigError(
-                    f"mode='script' cannot trace {', '.join(untraceable)}: they compute outside "
+                    f"mode={mode!r} cannot trace {', '.join(untraceable)}: they compute outside "
                     "torch (e.g. scikit-learn heads); use mode='eager'"
                 )
         self.net = net.eval()
@@ -156,6 +174,14 @@ class EarlyExitRuntime:
         self.cumulative = (
             torch.as_tensor(costs.cumulative, dtype=torch.float64) if costs is not None else None
         )
+        self._channels_last = False
+        if mode == "compile":  # a snapshot, laid out channels-last for convolutions
+            net = copy.deepcopy(net).eval()
+            assert example_input is not None
+            if example_input.dim() == 4:
+                net = net.to(memory_format=torch.channels_last)
+                self._channels_last = True
+        self._work = net
         stages = net.stages()
         tests = policy.exit_tests()
         steps: list[nn.Module] = [
@@ -173,21 +199,38 @@ class EarlyExitRuntime:
                     h, _, _, state = st(h, state)
                 final = _script(final, h)
             steps = scripted
+        if mode == "compile":
+            steps = [torch.compile(st, dynamic=True) for st in steps]
+            final = torch.compile(final, dynamic=True)
         self._steps = steps
         self._final = final
         self._paths: dict[int, nn.Module] = {}
         self._example = example_input
+        if mode == "compile":
+            assert example_input is not None
+            try:  # compile now (for this batch shape), so a missing compiler shows here
+                self(example_input)
+            except Exception as exc:  # torch._dynamo / inductor errors have many types
+                raise ConfigError(
+                    f"mode='compile' failed ({type(exc).__name__}: {str(exc)[:200]}); it needs "
+                    "torch.compile with a working C++ compiler: use mode='script' instead"
+                ) from exc
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
 
     def path(self, i: int = -1) -> nn.Module:
         """Exit ``i``'s plain path (its blocks, then its head; no other heads) in this runtime's
         execution mode — the fair reference for timing that exit."""
         i = self.net._exit(i)
         if i not in self._paths:
-            m = self.net.exit_path(i).eval()
+            m = self._work.exit_path(i).eval()
             if self.mode == "script":
                 assert self._example is not None
                 with torch.no_grad():
                     m = _script(m, self._example)
+            if self.mode == "compile":
+                m = _Layout(torch.compile(m, dynamic=True), self._channels_last)
             self._paths[i] = m
         return self._paths[i]
 
@@ -204,7 +247,7 @@ class EarlyExitRuntime:
         exits = torch.full((n,), len(self._steps), dtype=torch.long)
         idx = torch.arange(n)
         out: Tensor | None = None
-        h = x
+        h = self._layout(x)
         state = self.policy.initial_state(n, x.device)
         for i, step in enumerate(self._steps):
             h, logits, leave, state = step(h, state)
@@ -215,7 +258,7 @@ class EarlyExitRuntime:
                 out[idx[gone]] = logits[gone]
                 exits[idx[gone]] = i
                 stay = (~leave).nonzero().squeeze(1)
-                h, idx, state = h[stay], idx[stay], state[stay]
+                h, idx, state = self._layout(h[stay]), idx[stay], state[stay]
             if idx.numel() == 0:
                 break
         else:
@@ -241,7 +284,7 @@ class EarlyExitRuntime:
             check_input(x, self.net.input_shape)
             if x.shape[0] != 1:
                 raise ConfigError(f"run_one takes a batch of one sample, got {x.shape[0]}")
-        h = x
+        h = self._layout(x)
         state = self.policy.initial_state(1, x.device)
         for i, step in enumerate(self._steps):
             h, logits, leave, state = step(h, state)
