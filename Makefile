@@ -9,7 +9,7 @@ PY     := $(BIN)/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DATA   ?= ../shared/data
 
-.PHONY: demo test test-slow lint format bench bench-strategies clean
+.PHONY: demo test test-slow lint format bench bench-strategies bench-runtime clean
 
 $(BIN)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench: $(BIN)/.deps-dev
 
 bench-strategies: $(BIN)/.deps-dev
 	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/strategies.py --json results/strategies.json
+
+bench-runtime: $(BIN)/.deps-dev
+	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/runtime.py --json results/runtime.json
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

@@ -6,12 +6,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from offramp.models import mlp
 from offramp.training import FitConfig, fit, train
-from offramp.training.distributed import init_process_group
+from offramp.training.distributed import destroy_process_group, init_process_group
 
 
 def data(n: int = 128, d: int = 12, c: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +57,14 @@ def run(strategy: str) -> torch.nn.Module:
     return net
 
 
-def worker(rank: int, world: int, port: int, out_dir: str, strategy: str) -> None:
+def worker(rank: int, world: int, out_dir: str, strategy: str) -> None:
     torch.set_num_threads(1)
-    init_process_group(rank, world, port=port)
+    init_process_group(rank, world, init_file=str(Path(out_dir) / "rendezvous"))
     try:
         net = run(strategy)
         torch.save(net.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use

@@ -1,7 +1,6 @@
-"""DDP on gloo: 2 ranks spawned on 127.0.0.1 keep identical parameters and follow the
-single-process run on the same global batches."""
+"""DDP on gloo: 2 ranks spawned on this machine (file rendezvous) keep identical parameters
+and follow the single-process run on the same global batches."""
 
-import socket
 import sys
 from pathlib import Path
 
@@ -13,17 +12,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_worker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("strategy", ["joint", "layerwise", "gated", "final_only"])
 def test_ddp_two_ranks_match_single_process(strategy, tmp_path):
     mp.spawn(
         _ddp_worker.worker,
-        args=(2, _free_port(), str(tmp_path), strategy),
+        args=(2, str(tmp_path), strategy),
         nprocs=2,
         join=True,
     )
@@ -41,7 +34,7 @@ def test_ddp_two_ranks_match_single_process(strategy, tmp_path):
 def test_ddp_odd_tail_batch_does_not_hang(tmp_path):
     mp.spawn(
         _ddp_worker.worker,
-        args=(2, _free_port(), str(tmp_path), "joint_odd_tail"),
+        args=(2, str(tmp_path), "joint_odd_tail"),
         nprocs=2,
         join=True,
     )
@@ -53,7 +46,7 @@ def test_undeclared_unused_exits_fail_with_a_hint(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="used_exits"):
         mp.spawn(
             _ddp_worker.worker,
-            args=(2, _free_port(), str(tmp_path), "final_only_undeclared"),
+            args=(2, str(tmp_path), "final_only_undeclared"),
             nprocs=2,
             join=True,
         )

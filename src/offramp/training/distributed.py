@@ -8,7 +8,8 @@ parameters (gates, mixing weights) by hand, sums the epoch statistics over ranks
 checkpoints from rank 0 only.
 
 Start ranks with ``torchrun`` — ``offramp train CONFIG --nproc N`` does this for you — or, in
-tests, with :func:`torch.multiprocessing.spawn` and :func:`init_process_group` on 127.0.0.1.
+tests, with :func:`torch.multiprocessing.spawn` and :func:`init_process_group` through a shared
+file (no TCP port to pick, so no race with other sockets on the machine).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "ddp_wrap",
+    "destroy_process_group",
     "init_process_group",
     "world_info",
 ]
@@ -47,10 +49,12 @@ def init_process_group(
     world_size: int | None = None,
     *,
     port: int | None = None,
+    init_file: str | None = None,
     backend: str = "gloo",
 ) -> tuple[int, int]:
-    """Join the process group: from ``torchrun``'s environment when arguments are omitted, or
-    on 127.0.0.1:``port`` for ranks started by hand.
+    """Join the process group: from ``torchrun``'s environment when arguments are omitted, or,
+    for ranks started by hand, through a shared file (``init_file``: no port to choose, nothing
+    to collide with — what the tests use) or on 127.0.0.1:``port``.
 
     Returns:
         ``(rank, world size)``.
@@ -63,11 +67,24 @@ def init_process_group(
                 f"no {exc.args[0]} in the environment: start the ranks with torchrun (or "
                 "`offramp train CONFIG --nproc N`), or pass rank and world_size"
             ) from exc
+    if init_file is not None:
+        dist.init_process_group(
+            backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
+        )
+        return rank, world_size
     if port is not None:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     return rank, world_size
+
+
+def destroy_process_group() -> None:
+    """Leave the process group cleanly: wait for every rank, then tear it down (no-op outside
+    distributed training)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -11,6 +11,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -406,6 +407,10 @@ def fit(
         barrier()
         for cb in callbacks:
             cb(entry)
+    if world > 1:  # release DDP's reducer now, while the process group is certainly alive
+        del model
+        gc.collect()
+        barrier()
     net.eval()
     if isinstance(strategy, nn.Module):
         strategy.eval()
