@@ -98,7 +98,7 @@ def test_bad_arguments():
     rec = _random_record(0)
     with pytest.raises(ConfigError, match=r"delta.*1.5"):
         ThresholdCalibrator(delta=1.5).fit(rec, np.array([1.0, 2.0, 3.0]))
-    with pytest.raises(ConfigError, match="no thresholds reach"):
+    with pytest.raises(ConfigError, match="no thresholds keep"):
         ThresholdCalibrator(delta=-0.99).fit(rec, np.array([1.0, 2.0, 3.0]))
     with pytest.raises(ConfigError, match="one value per exit"):
         ThresholdCalibrator().fit(rec, np.array([1.0, 2.0]))

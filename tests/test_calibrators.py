@@ -129,6 +129,21 @@ def test_pareto_front_is_monotone(seed, e):
     assert all(a < b for a, b in itertools.pairwise(accs))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_confidence_bound_is_more_conservative_and_holds_by_hand(seed):
+    from offramp.calibration.target import lower_bound
+
+    # hand case: 100 samples, policy right on 3 the final exit gets wrong, wrong on 5 it gets
+    # right: mean −0.02, second moment 0.08, sd of the mean sqrt((0.08 − 0.0004) / 100)
+    lb = lower_bound(np.array([48]), np.array([8]), 50, 100, 1.645)[0]
+    assert lb == pytest.approx(-0.02 - 1.645 * np.sqrt((0.08 - 0.0004) / 100))
+    rec = _record(seed, e=3, n=400)
+    plain = ThresholdCalibrator("entropy", 0.01).fit(rec, CUM[3])
+    sure = ThresholdCalibrator("entropy", 0.01, confidence=0.95).fit(rec, CUM[3])
+    assert sure.expected_cost_ >= plain.expected_cost_
+    assert sure.accuracy_ >= plain.accuracy_ - 1e-12 or sure.expected_cost_ > plain.expected_cost_
+
+
 def test_non_dominated_equals_brute_force():
     g = np.random.default_rng(0)
     pol = ThresholdPolicy.never(2)
@@ -164,6 +179,7 @@ def test_pareto_export_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a wall-clock assertion: run on a quiet machine (`make test-slow`)
 def test_target_calibration_is_fast_on_10k_samples_and_5_exits():
     import time
 

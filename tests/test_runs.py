@@ -42,7 +42,10 @@ def test_evaluate_writes_tables_json_and_plot(run_dir, capsys):
     assert (run_dir / "analysis" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("goal", [["--target-drop", "0.5"], ["--budget", "0.5"]])
+@pytest.mark.parametrize(
+    "goal",
+    [["--target-drop", "0.5"], ["--budget", "0.5"], ["--target-drop", "1", "--confidence", "0.9"]],
+)
 def test_calibrate_reports_every_family(run_dir, goal, capsys):
     assert main(["calibrate", str(run_dir), *goal]) == 0
     assert "goal held" in capsys.readouterr().out
@@ -53,6 +56,8 @@ def test_calibrate_reports_every_family(run_dir, goal, capsys):
         assert 0 <= p["relative_cost"] <= 1 and 0 <= p["test_accuracy"] <= 1
         if goal[0] == "--budget":
             assert p["val_relative_cost"] <= 0.5 + 1e-9
+        if "--confidence" in goal and p["policy"] in ("entropy", "max_prob", "learned"):
+            assert p["val_bound"] >= -0.01 - 1e-9
 
 
 def test_calibrate_needs_exactly_one_goal(run_dir, capsys):

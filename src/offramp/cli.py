@@ -85,6 +85,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         args.run_dir,
         target_drop_pp=args.target_drop,
         budget=args.budget,
+        confidence=args.confidence,
         allow_pickle=args.allow_pickle,
         cost=args.cost,
     )
@@ -147,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     goal.add_argument(
         "--budget", type=float, metavar="B", help="expected cost allowed, fraction of the full"
+    )
+    cal.add_argument(
+        "--confidence",
+        type=float,
+        metavar="P",
+        help="with --target-drop: require it at this one-sided confidence on validation (0.95)",
     )
     cal.set_defaults(func=_calibrate)
     train = sub.add_parser(

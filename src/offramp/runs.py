@@ -101,16 +101,18 @@ def calibrate_run(
     *,
     target_drop_pp: float | None = None,
     budget: float | None = None,
+    confidence: float | None = None,
     allow_pickle: bool = False,
     cost: str = "flops",
     plot: bool = True,
 ) -> dict[str, Any]:
-    """Every policy family calibrated on validation for the goal, reported on test."""
+    """Every policy family calibrated on validation for the goal, reported on test
+    (``confidence``: require a target accuracy at that one-sided confidence)."""
     if (target_drop_pp is None) == (budget is None):
         raise ConfigError("give exactly one of --target-drop (percentage points) or --budget")
     delta = None if target_drop_pp is None else target_drop_pp / 100
     val, test, cum, info = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
-    policies = calibrate_policies(val, cum, delta=delta, budget=budget)
+    policies = calibrate_policies(val, cum, delta=delta, budget=budget, confidence=confidence)
     result = {**info, **report(policies, test, cum, delta=delta, budget=budget)}
     out = Path(run_dir) / "analysis"
     result["json"] = str(_write(out, "calibrate.json", result))

@@ -76,10 +76,14 @@ class GridResult:
     Attributes:
         counts: ``(M, E)`` samples leaving at each exit, per combination.
         correct: ``(M,)`` correct predictions per combination.
+        changed: ``(M,)`` samples whose correctness differs from the final exit's (right where
+            it is wrong, or wrong where it is right) — the spread of the paired accuracy
+            difference, for confidence bounds.
     """
 
     counts: np.ndarray
     correct: np.ndarray
+    changed: np.ndarray
 
 
 def _fire_matrix(scores: torch.Tensor, cands: np.ndarray, lower: bool) -> torch.Tensor:
@@ -106,6 +110,7 @@ def evaluate_grid(
     alive = torch.ones(1, n, dtype=torch.bool)  # (M, N): still running, per combination
     counts = np.zeros((1, 0), dtype=np.int64)
     right = np.zeros(1, dtype=np.int64)
+    changed = np.zeros(1, dtype=np.int64)
     for i in range(e - 1):
         fire = _fire_matrix(scores[i], candidates[i], lower_is_confident)  # (K, N)
         leave = alive[:, None, :] & fire[None, :, :]  # (M, K, N)
@@ -114,10 +119,12 @@ def evaluate_grid(
         ok = (leave & correct[i][None, None, :]).sum(dim=2).numpy().reshape(m * k)
         counts = np.concatenate([np.repeat(counts, k, axis=0), cnt], axis=1)
         right = np.repeat(right, k) + ok
+        diff = (leave & (correct[i] != correct[-1])[None, None, :]).sum(dim=2).numpy()
+        changed = np.repeat(changed, k) + diff.reshape(m * k)
         alive = (alive[:, None, :] & ~fire[None, :, :]).reshape(m * k, n)
     counts = np.concatenate([counts, alive.sum(dim=1).numpy()[:, None]], axis=1)
     right = right + (alive & correct[-1][None, :]).sum(dim=1).numpy()
-    return GridResult(counts=counts, correct=right)
+    return GridResult(counts=counts, correct=right, changed=changed)
 
 
 def _fixed(cands: list[np.ndarray], choice: list[int], free: int | None) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import numpy as np
 from offramp.analysis import oracle_saving_captured, oracle_summary
 from offramp.calibration.budget import BudgetCalibrator
 from offramp.calibration.single import SingleThresholdCalibrator
-from offramp.calibration.target import ThresholdCalibrator
+from offramp.calibration.target import ThresholdCalibrator, lower_bound
 from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
@@ -42,6 +43,8 @@ class CalibratedPolicy:
         val_accuracy: accuracy on the calibration split.
         val_cost: relative expected cost on the calibration split.
         seconds: time its calibration took.
+        val_bound: lower confidence bound of its accuracy minus the final exit's on the
+            calibration split (the plain difference without a confidence level).
     """
 
     name: str
@@ -49,6 +52,7 @@ class CalibratedPolicy:
     val_accuracy: float
     val_cost: float
     seconds: float
+    val_bound: float = 0.0
 
 
 def _evaluate(policy: ExitPolicy, record: ExitRecord, rel: np.ndarray) -> tuple[float, float]:
@@ -62,13 +66,21 @@ def calibrate_policies(
     *,
     delta: float | None = None,
     budget: float | None = None,
+    confidence: float | None = None,
 ) -> list[CalibratedPolicy]:
-    """Fit every family on ``val`` for one goal: ``delta`` (target accuracy) or ``budget``."""
+    """Fit every family on ``val`` for one goal: ``delta`` (target accuracy) or ``budget``.
+
+    With ``confidence`` (target accuracy only) the per-exit threshold families require the
+    goal at that one-sided confidence (:class:`ThresholdCalibrator`), and every family's
+    ``val_bound`` is the lower confidence bound, so choosing among them stays consistent.
+    """
     if (delta is None) == (budget is None):
         raise ConfigError("give exactly one goal: delta (target accuracy) or budget (cost)")
     rel = np.asarray(cumulative, dtype=np.float64)
     rel = rel / rel[-1]
     final = float(val.correct()[-1].double().mean())
+    n, final_n = val.num_samples, int(val.correct()[-1].sum())
+    z = 0.0 if confidence is None else float(NormalDist().inv_cdf(confidence))
     out: list[CalibratedPolicy] = []
 
     def add(name: str, make: Any) -> None:
@@ -78,8 +90,14 @@ def calibrate_policies(
         except ConfigError:  # the goal is out of this family's reach on val
             return
         secs = time.perf_counter() - t0
-        acc, cost = _evaluate(policy, val, rel)
-        out.append(CalibratedPolicy(name, policy, acc, cost, secs))
+        exits = decide(policy, val.logits)
+        acc, cost = val.accuracy(exits.numpy()), float(rel[exits.numpy()].mean())
+        right = val.correct().gather(0, exits[None])[0]
+        changed = int((right != val.correct()[-1]).sum())
+        bound = float(
+            lower_bound(np.array([int(right.sum())]), np.array([changed]), final_n, n, z)[0]
+        )
+        out.append(CalibratedPolicy(name, policy, acc, cost, secs, bound))
 
     t0 = time.perf_counter()
     temps = fit_temperatures(val)
@@ -148,6 +166,7 @@ def report(
                 "description": p.policy.to_dict(),  # type: ignore[attr-defined]
                 "val_accuracy": p.val_accuracy,
                 "val_relative_cost": p.val_cost,
+                "val_bound": p.val_bound,
                 "test_accuracy": acc,
                 "accuracy_drop_pp": 100 * (final - acc),
                 "relative_cost": cost,

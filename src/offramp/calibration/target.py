@@ -9,6 +9,7 @@ accuracy, then to the first combination in ``itertools.product`` order over the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 from torch import nn
@@ -18,19 +19,38 @@ from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
 from offramp.policies import ThresholdPolicy, get_criterion
 
-__all__ = ["ThresholdCalibrator"]
+__all__ = ["ThresholdCalibrator", "lower_bound"]
 
 
-def _cheapest_reaching(grid: GridResult, cumulative: np.ndarray, n: int, min_acc: float) -> int:
-    """Index of the cheapest combination with accuracy ≥ ``min_acc`` (ties: more correct, then
-    first in product order)."""
+def lower_bound(
+    correct: np.ndarray, changed: np.ndarray, final_correct: int, n: int, z: float
+) -> np.ndarray:
+    """One-sided lower confidence bound of ``accuracy − final-exit accuracy`` per combination.
+
+    The paired difference ``d_n ∈ {−1, 0, 1}`` has mean ``(correct − final_correct) / n`` and
+    second moment ``changed / n``; the bound is ``mean − z · sqrt(var / n)`` (normal
+    approximation). ``z = 0`` gives the plain difference.
+    """
+    mean = (correct - final_correct) / n
+    var = np.maximum(changed / n - mean**2, 0.0)
+    return mean - z * np.sqrt(var / n)
+
+
+def _cheapest_reaching(
+    grid: GridResult, cumulative: np.ndarray, n: int, final_correct: int, delta: float, z: float
+) -> int:
+    """Index of the cheapest combination whose accuracy difference to the final exit (or its
+    lower confidence bound, ``z > 0``) is ≥ −δ; ties: more correct, then first in product
+    order."""
     cost = grid.counts @ cumulative / n
-    acc = grid.correct / n
-    feasible = np.flatnonzero(acc >= min_acc - 1e-12)
+    bound = lower_bound(grid.correct, grid.changed, final_correct, n, z)
+    feasible = np.flatnonzero(bound >= -delta - 1e-12)
     if feasible.size == 0:
+        best = float(bound.max())
         raise ConfigError(
-            f"no thresholds reach accuracy {min_acc:.4f} on this split (the best reachable is "
-            f"{acc.max():.4f}); a negative delta asks for more than the final exit: lower it"
+            f"no thresholds keep the accuracy within {delta:.4f} of the final exit on this split "
+            f"(the best {'bound ' if z else ''}is {best:+.4f}); a negative delta asks for more "
+            "than the final exit: lower it" + (", or lower the confidence" if z else "")
         )
     # lexsort: last key is primary -> cost, then more correct, then first index
     order = np.lexsort((feasible, -grid.correct[feasible], cost[feasible]))
@@ -56,6 +76,12 @@ class ThresholdCalibrator:
         scorers: per-early-exit score modules used instead of the plain criterion (temperature
             scaling, learned confidence; :mod:`offramp.confidence`); ``criterion`` then only
             gives their direction.
+        confidence: when set (e.g. 0.95), require the constraint with that one-sided
+            confidence instead of only on average: the lower confidence bound of the paired
+            accuracy difference to the final exit must be ≥ −δ (normal approximation). The
+            cheapest thresholds that *just* meet a target on the calibration split tend to miss
+            it on new data (they are selected for being lucky there); the bound buys that
+            margin back.
 
     Attributes:
         policy_: the chosen :class:`ThresholdPolicy`.
@@ -82,8 +108,10 @@ class ThresholdCalibrator:
         num_candidates: int = 50,
         max_combinations: int = 20_000,
         scorers: Sequence[nn.Module] | None = None,
+        confidence: float | None = None,
     ) -> None:
         self.criterion = criterion
+        self.confidence = confidence
         self.delta = delta
         self.num_candidates = num_candidates
         self.max_combinations = max_combinations
@@ -97,6 +125,8 @@ class ThresholdCalibrator:
                 f"{self.delta}; use 0.0 to keep the final exit's accuracy, a small negative "
                 "value for a safety margin above it"
             )
+        if self.confidence is not None and not 0.5 <= self.confidence < 1:
+            raise ConfigError(f"confidence must lie in [0.5, 1), got {self.confidence}")
         if self.num_candidates < 1:
             raise ConfigError(f"num_candidates must be ≥ 1, got {self.num_candidates}")
 
@@ -117,14 +147,17 @@ class ThresholdCalibrator:
             candidate_thresholds(scores[i].numpy(), self.num_candidates, crit.lower_is_confident)
             for i in range(e - 1)
         ]
-        self.final_accuracy_ = float(correct[-1].double().mean())
-        min_acc = self.final_accuracy_ - self.delta
+        final_correct = int(correct[-1].sum())
+        self.final_accuracy_ = final_correct / n
+        z = 0.0 if self.confidence is None else float(NormalDist().inv_cdf(self.confidence))
         res = search(
             scores,
             correct,
             cands,
             crit.lower_is_confident,
-            lambda grid, _cur: _cheapest_reaching(grid, cumulative, n, min_acc),
+            lambda grid, _cur: _cheapest_reaching(
+                grid, cumulative, n, final_correct, self.delta, z
+            ),
             max_combinations=self.max_combinations,
         )
         choice, counts, right, self.method_ = res.choice, res.counts, res.correct, res.method
