@@ -63,6 +63,17 @@ class _Step(nn.Module):
         return h, logits, leave, state
 
 
+def _allow_recompiles(limit: int = 64) -> None:
+    """Stages share one ``forward`` code object, and each compiles a few variants (batch 1,
+    small and large batches): raise Dynamo's per-function recompile limit (default 8) so it
+    never falls back to eager mid-run. A process-wide setting, only ever raised."""
+    import torch._dynamo.config as dc
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dc, name) and getattr(dc, name) < limit:
+            setattr(dc, name, limit)
+
+
 class _Layout(nn.Module):
     """Hands its module channels-last inputs (what the compiled stages were built for)."""
 
@@ -200,6 +211,7 @@ class EarlyExitRuntime:
                 final = _script(final, h)
             steps = scripted
         if mode == "compile":
+            _allow_recompiles()
             steps = [torch.compile(st, dynamic=True) for st in steps]
             final = torch.compile(final, dynamic=True)
         self._steps = steps
