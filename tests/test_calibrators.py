@@ -190,3 +190,17 @@ def test_target_calibration_is_fast_on_10k_samples_and_5_exits():
         cal = ThresholdCalibrator(crit, 0.0).fit(rec, cum)
         assert cal.accuracy_ >= cal.final_accuracy_ - 1e-12
     assert (time.perf_counter() - t0) / 2 < 1.0
+
+
+def test_policy_suite_honours_the_confidence_level():
+    from offramp.calibration import calibrate_policies
+
+    rec = _record(3, e=3, n=600, skill=3.0)
+    plain = {c.name: c for c in calibrate_policies(rec, CUM[3], delta=0.01)}
+    sure = {c.name: c for c in calibrate_policies(rec, CUM[3], delta=0.01, confidence=0.95)}
+    for name in ("entropy", "max_prob", "margin", "entropy+T", "learned"):
+        if name in sure:
+            assert sure[name].val_bound >= -0.01 - 1e-12, name
+            assert sure[name].val_cost >= plain[name].val_cost - 1e-12, name
+    # the bound costs something: some family had to keep more samples going
+    assert any(sure[n].val_cost > plain[n].val_cost for n in sure if n != "patience")

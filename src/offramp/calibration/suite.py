@@ -110,7 +110,11 @@ def calibrate_policies(
         if delta is not None:
             add(
                 name,
-                lambda c=crit, s=sc: ThresholdCalibrator(c, delta, scorers=s).fit(val, rel).policy_,
+                lambda c=crit, s=sc: (
+                    ThresholdCalibrator(c, delta, scorers=s, confidence=confidence)
+                    .fit(val, rel)
+                    .policy_
+                ),
             )
         else:
             add(
