@@ -23,7 +23,8 @@ modules, so their decisions agree by construction (and the tests check it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,6 +43,7 @@ __all__ = [
     "ThresholdPolicy",
     "ThresholdTest",
     "decide",
+    "exit_scores",
     "fires",
     "get_criterion",
     "margin",
@@ -146,6 +148,30 @@ def fires(scores: Tensor, threshold: Tensor | float, lower_is_confident: bool) -
     return scores < threshold if lower_is_confident else scores > threshold
 
 
+def exit_scores(
+    logits: Tensor, criterion: str, scorers: Sequence[nn.Module] | None = None
+) -> Tensor:
+    """Scores of every exit, ``(E, N, C) -> (E, N)``: the plain criterion, or per-exit
+    ``scorers`` for the ``E − 1`` early exits (the final exit's row, never used to decide, is
+    then zeros).
+
+    Example:
+        >>> import torch
+        >>> exit_scores(torch.zeros(2, 3, 4), "entropy").tolist()
+        [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    """
+    if scorers is None:
+        return get_criterion(criterion).score(logits)
+    if len(scorers) != logits.shape[0] - 1:
+        raise ConfigError(
+            f"got {len(scorers)} scorers for {logits.shape[0] - 1} early exits; give one each"
+        )
+    with torch.no_grad():
+        rows = [sc(z) for sc, z in zip(scorers, logits[:-1], strict=True)]
+    rows.append(logits.new_zeros(logits.shape[1]))
+    return torch.stack(rows).float()
+
+
 class TemperatureScorer(nn.Module):
     """A criterion on temperature-scaled logits: ``score(logits / T)``.
 
@@ -200,8 +226,8 @@ class PatienceTest(nn.Module):
         return count >= self.patience, torch.stack([pred, count], dim=1)  # (B, 2)
 
 
-class ExitPolicy:
-    """What every policy provides (no need to inherit; duck typing is enough).
+class ExitPolicy(ABC):
+    """What every policy provides: its exit tests, a size check, the initial state.
 
     Attributes:
         num_exits: exits of the network the policy is for.
@@ -211,9 +237,9 @@ class ExitPolicy:
     num_exits: int
     state_size: ClassVar[int] = 0
 
-    def exit_tests(self) -> list[nn.Module]:  # pragma: no cover - interface
+    @abstractmethod
+    def exit_tests(self) -> list[nn.Module]:
         """One module per early exit: ``(logits (B, C), state (B, S)) -> (leave (B,), state)``."""
-        raise NotImplementedError
 
     def check(self, num_exits: int) -> None:
         """Raise ``ConfigError`` unless the policy fits a network with ``num_exits`` exits."""
@@ -321,15 +347,8 @@ class ThresholdPolicy(ExitPolicy):
         return get_criterion(self.criterion).score
 
     def scores(self, logits: Tensor) -> Tensor:
-        """Scores of every exit, ``(E, N, C) -> (E, N)`` (the final exit scored like the last
-        early one when per-exit scorers are used); with plain criteria any ``(..., C)``."""
-        if self.scorers is None:
-            return get_criterion(self.criterion).score(logits)
-        with torch.no_grad():
-            rows = [
-                self.scorers[min(i, len(self.scorers) - 1)](logits[i]) for i in range(len(logits))
-            ]
-        return torch.stack(rows)
+        """Scores of every exit, ``(E, N, C) -> (E, N)`` (:func:`exit_scores`)."""
+        return exit_scores(logits, self.criterion, self.scorers)
 
     def fires(self, logits: Tensor, i: int) -> Tensor:
         """Which samples leave at early exit ``i``, from that exit's logits ``(B, C) -> (B,)``."""

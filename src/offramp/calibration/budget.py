@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
-from offramp.calibration.grid import GridResult, candidate_thresholds, record_scores, search
+from offramp.calibration.grid import GridResult, prepare, search
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
-from offramp.policies import ThresholdPolicy, get_criterion
+from offramp.policies import ThresholdPolicy
 
 __all__ = ["BudgetCalibrator"]
 
@@ -78,27 +78,19 @@ class BudgetCalibrator:
 
     def fit(self, record: ExitRecord, cumulative: np.ndarray) -> BudgetCalibrator:
         """Choose thresholds on ``record`` for exits costing ``cumulative`` (``(E,)``)."""
-        crit = get_criterion(self.criterion)
         if not 0 < self.budget <= 1:
             raise ConfigError(
                 f"budget is a fraction of the full network's cost, in (0, 1], got {self.budget}"
             )
-        cumulative = np.asarray(cumulative, dtype=np.float64)
-        e, n = record.num_exits, record.num_samples
-        if cumulative.shape != (e,):
-            raise ConfigError(f"cumulative costs must have one value per exit ({e})")
-        scores = record_scores(record, self.criterion, self.scorers)
-        correct = record.correct()
-        cands = [
-            candidate_thresholds(scores[i].numpy(), self.num_candidates, crit.lower_is_confident)
-            for i in range(e - 1)
-        ]
+        p = prepare(record, self.criterion, self.scorers, cumulative)
+        cumulative, n = p.cumulative, record.num_samples
+        cands = p.candidates(self.num_candidates)
         limit = self.budget * cumulative[-1]
         res = search(
-            scores,
-            correct,
+            p.scores,
+            p.correct,
             cands,
-            crit.lower_is_confident,
+            p.lower_is_confident,
             lambda grid, _cur: _most_accurate_within(grid, cumulative, n, limit),
             start=[len(c) - 1 for c in cands],  # "always" at exit 0: the cheapest start
             max_combinations=self.max_combinations,

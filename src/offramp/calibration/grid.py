@@ -19,12 +19,15 @@ from torch import nn
 
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
+from offramp.policies import exit_scores, get_criterion
 
 __all__ = [
     "GridResult",
+    "Problem",
     "SearchResult",
     "candidate_thresholds",
     "evaluate_grid",
+    "prepare",
     "record_scores",
     "search",
 ]
@@ -33,18 +36,53 @@ __all__ = [
 def record_scores(
     record: ExitRecord, criterion: str, scorers: Sequence[nn.Module] | None = None
 ) -> torch.Tensor:
-    """Scores of every exit on ``record``, ``(E, N)``: the plain criterion, or per-exit
-    ``scorers`` for the early exits (the final exit's row is never used to decide)."""
-    if scorers is None:
-        return record.scores(criterion)
-    if len(scorers) != record.num_exits - 1:
+    """Scores of every exit on ``record``, ``(E, N)`` (:func:`offramp.policies.exit_scores`)."""
+    return exit_scores(record.logits, criterion, scorers)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What every calibrator starts from: costs, scores and correctness of every exit.
+
+    Attributes:
+        cumulative: ``C_i`` of every exit, ``(E,)`` float64.
+        scores: ``(E, N)`` scores (criterion or per-exit scorers).
+        correct: ``(E, N)`` whether each exit is right.
+        lower_is_confident: the criterion's direction.
+    """
+
+    cumulative: np.ndarray
+    scores: torch.Tensor
+    correct: torch.Tensor
+    lower_is_confident: bool
+
+    def candidates(self, num: int) -> list[np.ndarray]:
+        """Candidate thresholds of every early exit (:func:`candidate_thresholds`)."""
+        return [
+            candidate_thresholds(s.numpy(), num, self.lower_is_confident) for s in self.scores[:-1]
+        ]
+
+
+def prepare(
+    record: ExitRecord,
+    criterion: str,
+    scorers: Sequence[nn.Module] | None,
+    cumulative: np.ndarray,
+) -> Problem:
+    """Check ``cumulative`` against ``record`` and score every exit once."""
+    cum = np.asarray(cumulative, dtype=np.float64)
+    e = record.num_exits
+    if cum.shape != (e,):
         raise ConfigError(
-            f"got {len(scorers)} scorers for {record.num_exits - 1} early exits; give one each"
+            f"cumulative costs must have one value per exit ({e}), got shape {cum.shape}; pass "
+            "profile(net, x).cumulative"
         )
-    with torch.no_grad():
-        rows = [scorers[i](record.logits[i]) for i in range(record.num_exits - 1)]
-    rows.append(torch.zeros_like(rows[0]) if rows else torch.zeros(record.num_samples))
-    return torch.stack(rows).float()
+    return Problem(
+        cum,
+        record_scores(record, criterion, scorers),
+        record.correct(),
+        get_criterion(criterion).lower_is_confident,
+    )
 
 
 def candidate_thresholds(scores: np.ndarray, num: int, lower_is_confident: bool) -> np.ndarray:

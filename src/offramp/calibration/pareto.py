@@ -22,7 +22,7 @@ from offramp.calibration.grid import record_scores
 from offramp.calibration.target import ThresholdCalibrator
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
-from offramp.policies import ExitPolicy, PatiencePolicy, ThresholdPolicy, decide, get_criterion
+from offramp.policies import ExitPolicy, PatiencePolicy, ThresholdPolicy, decide
 
 __all__ = ["ParetoFront", "ParetoPoint", "non_dominated", "pareto_front"]
 
@@ -149,7 +149,6 @@ def pareto_front(
     sets += [(label, c, sc) for label, (c, sc) in (scorers or {}).items()]
     points: list[ParetoPoint] = []
     for label, crit_name, sc in sets:
-        crit = get_criterion(crit_name)
         scores = record_scores(record, crit_name, sc)[:-1]
         qs = np.quantile(scores.double().numpy(), np.linspace(0, 1, num_sweep))
         for t in np.unique(qs):
@@ -158,7 +157,6 @@ def pareto_front(
         for d in deltas:
             cal = ThresholdCalibrator(crit_name, d, scorers=sc).fit(record, rel)
             points.append(_point(record, rel, f"{label} δ={100 * d:g}pp", cal.policy_))
-        del crit
     for k in range(1, e):
         points.append(_point(record, rel, f"patience {k}", PatiencePolicy(e, k)))
     never = ThresholdPolicy.never(e)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
-from offramp.calibration.grid import record_scores
+from offramp.calibration.grid import prepare
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
 from offramp.policies import ThresholdPolicy, get_criterion
@@ -77,12 +77,9 @@ class SingleThresholdCalibrator:
         crit = get_criterion(self.criterion)
         if self.tol < 0 or self.min_step <= 0 or self.max_iter < 1:
             raise ConfigError("need tol ≥ 0, min_step > 0 and max_iter ≥ 1")
-        cumulative = np.asarray(cumulative, dtype=np.float64)
+        p = prepare(record, self.criterion, self.scorers, cumulative)
+        cumulative, scores, correct = p.cumulative, p.scores, p.correct
         e = record.num_exits
-        if cumulative.shape != (e,):
-            raise ConfigError(f"cumulative costs must have one value per exit ({e})")
-        scores = record_scores(record, self.criterion, self.scorers)
-        correct = record.correct()
         target = float(correct[-1].double().mean()) - self.delta
         sign = 1.0 if crit.lower_is_confident else -1.0
 

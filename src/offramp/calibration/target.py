@@ -14,7 +14,7 @@ from statistics import NormalDist
 import numpy as np
 from torch import nn
 
-from offramp.calibration.grid import GridResult, candidate_thresholds, record_scores, search
+from offramp.calibration.grid import GridResult, prepare, search
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
 from offramp.policies import ThresholdPolicy, get_criterion
@@ -133,20 +133,10 @@ class ThresholdCalibrator:
     def fit(self, record: ExitRecord, cumulative: np.ndarray) -> ThresholdCalibrator:
         """Choose thresholds on ``record`` for exits costing ``cumulative`` (``C_i``, ``(E,)``)."""
         self._validate()
-        cumulative = np.asarray(cumulative, dtype=np.float64)
-        e, n = record.num_exits, record.num_samples
-        if cumulative.shape != (e,):
-            raise ConfigError(
-                f"cumulative costs must have one value per exit ({e}), got shape "
-                f"{cumulative.shape}; pass profile(net, x).cumulative"
-            )
-        crit = get_criterion(self.criterion)
-        scores = record_scores(record, self.criterion, self.scorers)  # (E, N)
-        correct = record.correct()  # (E, N)
-        cands = [
-            candidate_thresholds(scores[i].numpy(), self.num_candidates, crit.lower_is_confident)
-            for i in range(e - 1)
-        ]
+        p = prepare(record, self.criterion, self.scorers, cumulative)
+        cumulative, scores, correct = p.cumulative, p.scores, p.correct
+        n = record.num_samples
+        cands = p.candidates(self.num_candidates)
         final_correct = int(correct[-1].sum())
         self.final_accuracy_ = final_correct / n
         z = 0.0 if self.confidence is None else float(NormalDist().inv_cdf(self.confidence))
@@ -154,7 +144,7 @@ class ThresholdCalibrator:
             scores,
             correct,
             cands,
-            crit.lower_is_confident,
+            p.lower_is_confident,
             lambda grid, _cur: _cheapest_reaching(
                 grid, cumulative, n, final_correct, self.delta, z
             ),

@@ -12,12 +12,14 @@ head is the FC to the classes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from offramp.heads import HeadFactory, make_head
+from offramp.models._shapes import block_output_shapes
 from offramp.network import MultiExitNetwork
 
 __all__ = ["BRANCHYNET_HEAD", "blenet"]
@@ -63,13 +65,8 @@ def blenet(
         _conv_block(5, 10),
         _conv_block(10, 20),
     ]
-    with torch.no_grad():
-        h = torch.zeros(1, in_channels, in_size, in_size)
-        shapes = []
-        for b in blocks:
-            h = b(h)
-            shapes.append(tuple(h.shape[1:]))
-    blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(h[0].numel(), 84)))
+    shapes = block_output_shapes(blocks, (in_channels, in_size, in_size))
+    blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shapes[-1]), 84)))
     heads_spec = list(head) if isinstance(head, (list, tuple)) else [head] * len(exits_after)
     heads: dict[int, nn.Module] = {
         k: make_head(spec, shapes[k], num_classes)

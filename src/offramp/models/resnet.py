@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.heads import HeadFactory, make_head
+from offramp.models._shapes import block_output_shapes
 from offramp.network import MultiExitNetwork
 
 __all__ = ["BasicBlock", "resnet"]
@@ -102,14 +103,7 @@ def resnet(
     exits = list(exits_after) if exits_after is not None else stage_ends[:-1]
     if any(not 0 <= k < last for k in exits):
         raise ConfigError(f"exits_after must lie in 0 … {last - 1}, got {list(exits)}")
-    with torch.no_grad():
-        h = torch.zeros(1, in_channels, in_size, in_size)
-        shapes = []
-        for blk in blocks:
-            blk.eval()
-            h = blk(h)
-            shapes.append(tuple(h.shape[1:]))
-            blk.train()
+    shapes = block_output_shapes(blocks, (in_channels, in_size, in_size))
     heads: dict[int, nn.Module] = {k: make_head(head, shapes[k], num_classes) for k in exits}
     heads[last] = _PoolLinear(cin, num_classes)
     return MultiExitNetwork(

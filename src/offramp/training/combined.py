@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork
-from offramp.training.joint import Schedule, constant, joint_loss
+from offramp.training.joint import (
+    Schedule,
+    ScheduledLambdas,
+    constant,
+    correct_per_exit,
+    joint_loss,
+)
 
 __all__ = ["COMBINE_MODES", "CombinedOutput", "combine"]
 
@@ -63,7 +69,7 @@ def combine(outputs: Sequence[Tensor], mode: str = "mean", weights: Tensor | Non
     return torch.einsum("e,ebc->bc", alpha.to(stacked.dtype), stacked)
 
 
-class CombinedOutput(nn.Module):
+class CombinedOutput(ScheduledLambdas, nn.Module):
     """Strategy: cross-entropy on the combined output (eq. 8) + ``exit_weight`` × joint loss.
 
     Args:
@@ -106,7 +112,6 @@ class CombinedOutput(nn.Module):
         if mode == "softmax":
             init = torch.zeros(num_exits)
         self.weights = nn.Parameter(init) if init is not None else None
-        self._lambdas: list[float] | None = None
 
     def alpha(self) -> Tensor | None:
         """The current mixing weights ``α`` (``None`` for the fixed ``"mean"`` and ``"max"``)."""
@@ -114,27 +119,19 @@ class CombinedOutput(nn.Module):
             return None
         return self.weights.softmax(0) if self.mode == "softmax" else self.weights
 
-    def on_epoch_start(self, net: MultiExitNetwork, epoch: int, num_epochs: int) -> None:
-        """This epoch's λ for the joint term."""
-        self._lambdas = list(self.schedule(epoch, num_epochs, net.num_exits - 1))
-
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Combined loss (+ joint loss) on one batch."""
         x, y = batch
         outs = net(x)
-        if self._lambdas is None:
-            self.on_epoch_start(net, 0, 1)
-        assert self._lambdas is not None
         mixed = combine(outs, self.mode, self.weights)
         combined_loss = self.loss_fn(mixed, y)
-        joint, per = joint_loss(outs, y, self._lambdas, self.loss_fn)
+        joint, per = joint_loss(outs, y, self.lambdas(net), self.loss_fn)
         with torch.no_grad():
-            correct = (outs.stack().argmax(dim=-1) == y[None, :]).sum(dim=1)  # (E,)
             acc = (mixed.argmax(dim=1) == y).double().mean()
         return {
             "loss": combined_loss + self.exit_weight * joint,
             "exit_losses": per.detach(),
-            "correct": correct,
+            "correct": correct_per_exit(outs, y),
             "combined_loss": combined_loss.detach(),
             "combined_accuracy": acc,
         }

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from offramp._values import to_float, to_int
 from offramp.errors import ConfigError
 from offramp.training.loop import FitConfig
 
@@ -213,30 +214,11 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+    if tp is int or tp is float:
+        try:
+            return to_int(value) if tp is int else to_float(value)
+        except (TypeError, ValueError):
+            raise bad from None
     if tp is str:
         if isinstance(value, str):
             return value

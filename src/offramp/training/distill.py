@@ -14,15 +14,13 @@ Use it when the early exits lag far behind the final one: the teacher's soft tar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork
-from offramp.training.joint import Schedule, constant
+from offramp.training.joint import Schedule, ScheduledLambdas, constant, correct_per_exit
 
 __all__ = ["SelfDistillation", "distillation_loss"]
 
@@ -44,7 +42,7 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> T
     return F.kl_div(log_p, target, reduction="batchmean", log_target=True) * t * t
 
 
-class SelfDistillation:
+class SelfDistillation(ScheduledLambdas):
     """Strategy: joint training whose early exits also distil the final exit.
 
     Args:
@@ -71,30 +69,20 @@ class SelfDistillation:
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.schedule = schedule or constant(1.0)
-        self._lambdas: Sequence[float] | None = None
-
-    def on_epoch_start(self, net: MultiExitNetwork, epoch: int, num_epochs: int) -> None:
-        """This epoch's λ."""
-        self._lambdas = list(self.schedule(epoch, num_epochs, net.num_exits - 1))
 
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Labels for every exit, the final exit's soft targets for the early ones."""
         x, y = batch
         outs = net(x)
-        if self._lambdas is None:
-            self.on_epoch_start(net, 0, 1)
-        assert self._lambdas is not None
         ce = torch.stack([F.cross_entropy(o, y) for o in outs])  # (E,)
         kd = [distillation_loss(o, outs.final, self.temperature) for o in outs[:-1]]
         kd_t = torch.stack(kd) if kd else ce.new_zeros(0)  # (E - 1,)
         early = (1 - self.alpha) * ce[:-1] + self.alpha * kd_t
-        lam = torch.tensor(list(self._lambdas), dtype=ce.dtype, device=ce.device)
+        lam = torch.tensor(self.lambdas(net), dtype=ce.dtype, device=ce.device)
         loss = ce[-1] + (lam * early).sum()
-        with torch.no_grad():
-            correct = (outs.stack().argmax(dim=-1) == y[None, :]).sum(dim=1)  # (E,)
         return {
             "loss": loss,
             "exit_losses": ce.detach(),
-            "correct": correct,
+            "correct": correct_per_exit(outs, y),
             "distill_loss": kd_t.detach().mean() if kd else ce.new_zeros(()),
         }

@@ -131,6 +131,7 @@ class Freezeout(JointTraining):
         self.scale_lr = bool(scale_lr)
         self.points: list[float] = []
         self._group_modules: list[list[nn.Module]] = []
+        self._num_frozen = 0
 
     def configure_optimizer(self, net: MultiExitNetwork, cfg: FitConfig) -> torch.optim.Optimizer:
         """One parameter group per block (with its head), each remembering its ``t_i``."""
@@ -158,6 +159,7 @@ class Freezeout(JointTraining):
         whose freezing point has passed (``requires_grad = False`` and eval mode, so BatchNorm
         statistics and dropout are frozen too) and keep the others trainable (after a resume)."""
         t = iteration / total
+        self._num_frozen = sum(t >= g["t_i"] for g in optimizer.param_groups)
         for g, modules in zip(optimizer.param_groups, self._group_modules, strict=True):
             g["lr"] = freezeout_lr(g["base_lr"], t, g["t_i"])
             frozen = t >= g["t_i"]
@@ -172,8 +174,5 @@ class Freezeout(JointTraining):
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Joint loss; also reports how many block groups are frozen."""
         out = super().step(net, batch)
-        frozen = sum(
-            1 for g in self._group_modules if not any(p.requires_grad for p in g[0].parameters())
-        )
-        out["frozen_blocks"] = torch.tensor(float(frozen))
+        out["frozen_blocks"] = torch.tensor(float(self._num_frozen))
         return out

@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork
-from offramp.training.joint import Schedule, constant, joint_loss
+from offramp.training.joint import (
+    Schedule,
+    ScheduledLambdas,
+    constant,
+    correct_per_exit,
+    joint_loss,
+)
 
 __all__ = ["GatedTraining", "gated_output", "make_gate", "soft_cost"]
 
@@ -100,7 +106,7 @@ def make_gate(in_shape: Sequence[int]) -> nn.Module:
     return nn.Sequential(pool, lin, nn.Flatten(0), nn.Sigmoid())
 
 
-class GatedTraining(nn.Module):
+class GatedTraining(ScheduledLambdas, nn.Module):
     """Strategy for eq. 9 (``beta = 0``) and eq. 13–14 (``beta > 0``).
 
     Loss: ``−log ŷ_1[y] + exit_weight · joint loss (eq. 6–7) + beta · mean(C̃_1) / C_L``.
@@ -151,7 +157,6 @@ class GatedTraining(nn.Module):
         self.exit_weight = float(exit_weight)
         self.schedule = schedule or constant(1.0)
         self.loss_fn = loss_fn
-        self._lambdas: list[float] | None = None
 
     @classmethod
     def for_network(
@@ -174,21 +179,14 @@ class GatedTraining(nn.Module):
             )
         return [g(h) for g, h in zip(self.gates, features, strict=False)]
 
-    def on_epoch_start(self, net: MultiExitNetwork, epoch: int, num_epochs: int) -> None:
-        """This epoch's λ for the joint term."""
-        self._lambdas = list(self.schedule(epoch, num_epochs, net.num_exits - 1))
-
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Gated loss (+ joint loss, + soft cost) on one batch."""
         x, y = batch
         feats, outs = net(x, return_features=True)
-        if self._lambdas is None:
-            self.on_epoch_start(net, 0, 1)
-        assert self._lambdas is not None
         gates = self.gate_values(feats)
         mixed = gated_output([o.softmax(dim=1) for o in outs], gates)
         gated_loss = F.nll_loss(mixed.clamp_min(1e-12).log(), y)
-        joint, per = joint_loss(outs, y, self._lambdas, self.loss_fn)
+        joint, per = joint_loss(outs, y, self.lambdas(net), self.loss_fn)
         loss = gated_loss + self.exit_weight * joint
         extra: dict[str, Tensor] = {}
         if self.relative_costs.numel():
@@ -196,13 +194,12 @@ class GatedTraining(nn.Module):
             loss = loss + self.beta * cost
             extra["soft_cost"] = cost.detach()
         with torch.no_grad():
-            correct = (outs.stack().argmax(dim=-1) == y[None, :]).sum(dim=1)  # (E,)
             extra["gated_accuracy"] = (mixed.argmax(dim=1) == y).double().mean()
             extra["gate_mean"] = torch.stack(gates).mean() if gates else torch.tensor(0.0)
         return {
             "loss": loss,
             "exit_losses": per.detach(),
-            "correct": correct,
+            "correct": correct_per_exit(outs, y),
             "gated_loss": gated_loss.detach(),
             **extra,
         }

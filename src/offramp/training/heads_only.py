@@ -39,9 +39,15 @@ __all__ = ["fit_backbone_then_heads", "fit_sklearn_heads"]
 
 
 def _features(net: MultiExitNetwork) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """``h`` at every early exit: the blocks up to the last early exit, no heads."""
+    early = net.exit_blocks[:-1]
+
     def run(b: Tensor) -> tuple[Tensor, ...]:
-        feats, _ = net(b, return_features=True)
-        return tuple(feats[:-1])
+        feats, h = [], b
+        for block in net.blocks[: early[-1] + 1]:
+            h = block(h)
+            feats.append(h)
+        return tuple(feats[k] for k in early)
 
     return run
 

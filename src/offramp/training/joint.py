@@ -26,7 +26,9 @@ from offramp.network import ExitOutputs, MultiExitNetwork
 __all__ = [
     "JointTraining",
     "Schedule",
+    "ScheduledLambdas",
     "constant",
+    "correct_per_exit",
     "inception",
     "joint_loss",
     "linear_in_depth",
@@ -115,7 +117,39 @@ def joint_loss(
     return (w * per).sum(), per
 
 
-class JointTraining:
+def correct_per_exit(outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+    """Correct predictions of every exit on the batch, ``E × (B, C) -> (E,)`` (no gradient).
+
+    Example:
+        >>> import torch
+        >>> correct_per_exit([torch.eye(2), torch.eye(2).flip(0)], torch.tensor([0, 1])).tolist()
+        [2, 0]
+    """
+    with torch.no_grad():
+        preds = torch.stack(tuple(outputs)).argmax(dim=-1)  # E × (B, C) -> (E, B)
+        return (preds == target[None, :]).sum(dim=1)
+
+
+class ScheduledLambdas:
+    """Mixin for strategies with a joint term: this epoch's λ of the early exits, taken from
+    ``self.schedule`` at every epoch start (or at the first step, outside the fit loop)."""
+
+    schedule: Schedule
+    _lambdas: list[float] | None = None
+
+    def on_epoch_start(self, net: MultiExitNetwork, epoch: int, num_epochs: int) -> None:
+        """Set this epoch's λ from the schedule."""
+        self._lambdas = list(self.schedule(epoch, num_epochs, net.num_exits - 1))
+
+    def lambdas(self, net: MultiExitNetwork) -> list[float]:
+        """The current λ (epoch 0 of 1 when no epoch has started)."""
+        if self._lambdas is None:
+            self.on_epoch_start(net, 0, 1)
+        assert self._lambdas is not None
+        return self._lambdas
+
+
+class JointTraining(ScheduledLambdas):
     """Strategy object for eq. 6–7: ``step(net, batch) -> dict(loss=…, …)``.
 
     Args:
@@ -140,20 +174,16 @@ class JointTraining:
     ) -> None:
         self.schedule = schedule or constant(1.0)
         self.loss_fn = loss_fn
-        self.weights: list[float] | None = None
 
-    def on_epoch_start(self, net: MultiExitNetwork, epoch: int, num_epochs: int) -> None:
-        """Set this epoch's λ from the schedule."""
-        self.weights = list(self.schedule(epoch, num_epochs, net.num_exits - 1))
+    @property
+    def weights(self) -> list[float] | None:
+        """This epoch's λ (``None`` before the first epoch)."""
+        return self._lambdas
 
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Forward all exits and return the joint loss plus per-exit statistics."""
         x, y = batch
-        if self.weights is None:
-            self.on_epoch_start(net, 0, 1)
-        assert self.weights is not None
+        lambdas = self.lambdas(net)
         outs = net(x)
-        loss, per = joint_loss(outs, y, self.weights, self.loss_fn)
-        with torch.no_grad():
-            correct = (outs.stack().argmax(dim=-1) == y[None, :]).sum(dim=1)  # (E,)
-        return {"loss": loss, "exit_losses": per.detach(), "correct": correct}
+        loss, per = joint_loss(outs, y, lambdas, self.loss_fn)
+        return {"loss": loss, "exit_losses": per.detach(), "correct": correct_per_exit(outs, y)}

@@ -34,13 +34,9 @@ from torch import Tensor, nn
 from offramp.errors import ConfigError
 from offramp.heads import pool_features
 from offramp.network import MultiExitNetwork
+from offramp.training.joint import correct_per_exit
 
-__all__ = ["LocalErrorLearning", "feedback_alignment_linear", "local_pool"]
-
-
-def local_pool(h: Tensor, size: int = 2) -> Tensor:
-    """Features for the random classifier (:func:`offramp.heads.pool_features`)."""
-    return pool_features(h, size)
+__all__ = ["LocalErrorLearning", "feedback_alignment_linear"]
 
 
 class _FAFunction(torch.autograd.Function):
@@ -130,7 +126,7 @@ class LocalErrorLearning(nn.Module):
             h = example_input[:2]
             for block in net.blocks[:-1]:
                 h = block(h)
-                dims.append(local_pool(h, pool).shape[1])
+                dims.append(pool_features(h, pool).shape[1])
             classes = net(example_input[:2]).final.shape[1]
         net.train(was_training)
         return cls(dims, classes, **kwargs)
@@ -142,7 +138,7 @@ class LocalErrorLearning(nn.Module):
 
     def local_logits(self, k: int, h: Tensor) -> Tensor:
         """``B_k · pool(h_k)``, with the feedback-alignment backward when enabled."""
-        z = local_pool(h, self.pool_size)
+        z = pool_features(h, self.pool_size)
         b, fb = self.random_classifier(k)
         if fb is not None:
             return feedback_alignment_linear(z, b, fb)
@@ -186,13 +182,11 @@ class LocalErrorLearning(nn.Module):
         block_losses, head_losses, logits = self.local_losses(net, x, y)
         loss = torch.stack(block_losses[:-1]).sum() if self.num_local else x.new_zeros(())
         loss = loss + torch.stack(head_losses).sum()
-        with torch.no_grad():
-            correct = (torch.stack(logits).argmax(dim=-1) == y[None, :]).sum(dim=1)  # (E,)
         local = torch.stack([b.detach() for b in block_losses[:-1]]) if self.num_local else None
         return {
             "loss": loss,
             "exit_losses": torch.stack(head_losses).detach(),
-            "correct": correct,
+            "correct": correct_per_exit(logits, y),
             "local_losses": local if local is not None else x.new_zeros(0),
             "local_loss": local.mean() if local is not None else x.new_zeros(()),
         }

@@ -420,10 +420,10 @@ def fit(
 def _all_finite(loss: Tensor, world: int) -> bool:
     """Whether the loss is finite on every rank (one tiny all-reduce under DDP, so that all
     ranks stop together instead of some waiting forever in the next collective)."""
-    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0])
-    if world > 1:
-        bad = all_reduce_sum(bad)
-    return float(bad) == 0.0
+    finite = bool(torch.isfinite(loss.detach()))
+    if world == 1:
+        return finite
+    return float(all_reduce_sum(torch.tensor([0.0 if finite else 1.0]))) == 0.0
 
 
 def _step(strategy: Strategy, model: Any, batch: tuple[Tensor, ...], world: int) -> Any:

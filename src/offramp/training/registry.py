@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
+from offramp._values import to_float, to_int
 from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork
 from offramp.training.joint import (
@@ -131,13 +132,9 @@ def _coerce(key: str, value: Any, tp: type) -> Any:
                 return False
             raise ValueError
         if tp is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
+            return to_int(value)
         if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
+            return to_float(value)
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(
