@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from offramp import EarlyExitRuntime, ExitRecord, ThresholdPolicy, profile, simulate
 from offramp.errors import ConfigError
 from offramp.models import MODELS
+from offramp.runtime import bucket_size
 
 
 def _policy(record: ExitRecord, criterion: str, q: float) -> ThresholdPolicy:
@@ -75,3 +78,38 @@ def test_policy_must_fit_network(cnn):
         EarlyExitRuntime(cnn, ThresholdPolicy.never(3), mode="script")
     with pytest.raises(ConfigError, match="unknown runtime mode"):
         EarlyExitRuntime(cnn, ThresholdPolicy.never(3), mode="turbo")
+
+
+def test_bucket_sizes_by_hand():
+    assert [bucket_size(n) for n in (1, 8, 9, 16, 17, 100, 129, 256)] == [
+        1, 8, 10, 16, 20, 112, 160, 256
+    ]  # fmt: skip
+    assert [bucket_size(n, 1) for n in (1, 2, 3, 5, 100)] == [1, 2, 4, 8, 128]
+    with pytest.raises(ConfigError, match="power of two"):
+        bucket_size(5, 3)
+
+
+@given(st.integers(1, 5000), st.sampled_from([1, 2, 4, 8]))
+def test_bucket_padding_is_bounded(n, per_octave):
+    b = bucket_size(n, per_octave)
+    assert n <= b < n * (1 + 1 / per_octave)
+    assert bucket_size(b, per_octave) == b  # a bucket is its own bucket
+
+
+def test_compiled_padding_keeps_inputs_order_and_global_config():
+    import torch._inductor.config as inductor_config
+
+    net = MODELS["resnet"](8, 10).eval()
+    x = torch.rand(37, 1, 8, 8)  # not a bucket: padded to 40, then to each survivor count's
+    rec = ExitRecord.collect(net, (x, torch.zeros(37, dtype=torch.long)))
+    pol = _policy(rec, "max_prob", 0.5)
+    before = inductor_config.freezing
+    rt = EarlyExitRuntime(net, pol, mode="compile", example_input=x[:3], buckets_per_octave=2)
+    res = rt(x)
+    assert inductor_config.freezing == before  # switched on only while compiling
+    sim = simulate(rec, pol)
+    np.testing.assert_array_equal(res.exits.numpy(), sim.exits)
+    chosen = rec.logits[torch.as_tensor(sim.exits), torch.arange(37)]
+    torch.testing.assert_close(res.logits, chosen, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(rt.plain_backbone()(x), net(x)[-1], rtol=1e-4, atol=1e-5)
