@@ -9,7 +9,7 @@ PY     := $(BIN)/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DATA   ?= ../shared/data
 
-.PHONY: demo test test-slow lint format bench bench-strategies bench-runtime clean
+.PHONY: demo test test-slow lint format bench bench-strategies bench-runtime bench-placement clean
 
 $(BIN)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-strategies: $(BIN)/.deps-dev
 
 bench-runtime: $(BIN)/.deps-dev
 	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/runtime.py --json results/runtime.json
+
+bench-placement: $(BIN)/.deps-dev
+	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/placement.py --json results/placement.json
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

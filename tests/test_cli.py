@@ -30,3 +30,46 @@ def test_demo_writes_json_and_plot(tmp_path, capsys, mode):
 def test_cli_reports_offramp_errors(capsys):
     assert main(["demo", "--delta", "-1", "--epochs", "1", "--quiet"]) == 2
     assert "delta" in capsys.readouterr().err
+
+
+def test_place_prints_every_rule_and_writes_json_and_plot(tmp_path, capsys):
+    cfg = {
+        "train": {
+            "dataset": "digits",
+            "backbone": "resnet",
+            "val_fraction": 0.2,
+            "epochs": 4,
+            "lr": 3e-3,
+            "show_progress": False,
+        },
+        "head_epochs": 2,
+        "target_drop": 1.0,
+        "output_dir": str(tmp_path / "place"),
+    }
+    path = tmp_path / "place.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["place", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for rule in ("all", "flops_spacing", "eq4", "eq5_greedy", "exhaustive", "cost profile"):
+        assert rule in out
+    result = json.loads((tmp_path / "place" / "placement.json").read_text())
+    assert [r["rule"] for r in result["rows"]] == [
+        "all", "flops_spacing", "eq4", "eq5_greedy", "exhaustive"
+    ]  # fmt: skip
+    for row in result["rows"]:
+        assert {"exits", "expected_cost", "accuracy"} <= set(row)
+    assert (tmp_path / "place" / "placement.png").stat().st_size > 0
+    heads = tmp_path / "place" / "candidates.pt"
+    stamp = heads.stat().st_mtime_ns
+    assert main(["place", str(path), "--quiet"]) == 0  # resumes: nothing retrained
+    assert heads.stat().st_mtime_ns == stamp
+
+
+def test_place_rejects_a_bad_config(tmp_path, capsys):
+    path = tmp_path / "place.json"
+    path.write_text(json.dumps({"rules": ["all", "best"]}))
+    assert main(["place", str(path)]) == 2
+    assert "rules must be a list from" in capsys.readouterr().err
+    path.write_text(json.dumps({"train": {"epoch": 3}}))
+    assert main(["place", str(path)]) == 2
+    assert "did you mean 'epochs'" in capsys.readouterr().err

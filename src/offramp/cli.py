@@ -70,6 +70,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _place(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from offramp.placement.job import format_placement, load_place_config, run_placement
+
+    cfg = load_place_config(args.config)
+    if args.output_dir is not None:
+        cfg = dataclasses.replace(cfg, output_dir=args.output_dir)
+    if args.quiet:
+        cfg = dataclasses.replace(cfg, train={**cfg.train, "show_progress": False})
+    print(format_placement(run_placement(cfg)))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from offramp.runs import evaluate_run, format_evaluation
 
@@ -168,6 +182,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, help="override the config's epochs")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
+    place = sub.add_parser(
+        "place",
+        help="where to put the exits: cost profile, candidates and every placement rule",
+    )
+    place.add_argument("config", help="placement config (.yaml, .yml or .json)")
+    place.add_argument("--output-dir", metavar="DIR", help="override the config's output_dir")
+    place.add_argument("--quiet", action="store_true", help="no progress bars")
+    place.set_defaults(func=_place)
     return p
 
 

@@ -6,7 +6,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["compare_wallclock", "exit_latencies"]
+__all__ = ["block_latencies", "compare_wallclock", "exit_latencies"]
 
 
 def compare_wallclock(
@@ -65,3 +65,69 @@ def exit_latencies(net: object, x: object, *, repeats: int = 5, warmup: int = 2)
         {str(i): runner(m) for i, m in paths.items()}, repeats=repeats, warmup=warmup
     )
     return [t[str(i)] / n for i in range(len(paths))]
+
+
+def block_latencies(
+    net: object, x: object, *, repeats: int = 5, warmup: int = 2, min_seconds: float = 2e-3
+) -> tuple[list[float], list[float]]:
+    """Measured seconds per sample of every block ``f_k`` and every head ``c_i`` of ``net`` on
+    the batch ``x`` (eval mode, no gradients), each timed on its real input ``h_{k−1}`` / ``h_i``
+    side by side with the others (median of ``repeats``; calls too short for the clock are
+    repeated until one measurement lasts ``min_seconds``).
+
+    Returns:
+        ``(block_seconds, head_seconds)``, one per block and one per exit.
+
+    Example:
+        >>> import torch
+        >>> from offramp.models import mlp
+        >>> blocks, heads = block_latencies(mlp(4, 3, hidden=(8, 8)), torch.randn(16, 4))
+        >>> len(blocks), len(heads)
+        (2, 2)
+    """
+    import torch
+
+    net.eval()  # type: ignore[attr-defined]
+    n = x.shape[0]  # type: ignore[attr-defined]
+    calls: dict[str, Callable[[], object]] = {}
+    with torch.no_grad():
+        h = x
+        for k, block in enumerate(net.blocks):  # type: ignore[attr-defined]
+            calls[f"b{k}"] = _bound(block, h)
+            h = block(h)
+            if k in net.exit_blocks:  # type: ignore[attr-defined]
+                i = net.exit_blocks.index(k)  # type: ignore[attr-defined]
+                calls[f"h{i}"] = _bound(net.heads[i], h)  # type: ignore[attr-defined]
+    loops = {name: _loops(fn, min_seconds) for name, fn in calls.items()}
+
+    def runner(name: str) -> Callable[[], object]:
+        fn, reps = calls[name], loops[name]
+
+        def run() -> None:
+            with torch.no_grad():
+                for _ in range(reps):
+                    fn()
+
+        return run
+
+    t = compare_wallclock({name: runner(name) for name in calls}, repeats=repeats, warmup=warmup)
+    per = {name: t[name] / loops[name] / n for name in calls}
+    blocks = [per[f"b{k}"] for k in range(len(net.blocks))]  # type: ignore[attr-defined]
+    heads = [per[f"h{i}"] for i in range(len(net.heads))]  # type: ignore[attr-defined]
+    return blocks, heads
+
+
+def _bound(module: object, h: object) -> Callable[[], object]:
+    return lambda: module(h)  # type: ignore[operator]
+
+
+def _loops(fn: Callable[[], object], min_seconds: float) -> int:
+    """Calls per measurement so that one measurement lasts about ``min_seconds``."""
+    import torch
+
+    with torch.no_grad():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        once = time.perf_counter() - t0
+    return max(1, min(1000, int(min_seconds / max(once, 1e-7)) + 1))

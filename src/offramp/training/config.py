@@ -144,21 +144,7 @@ class TrainConfig:
             ...
             offramp.errors.ConfigError: unknown config key 'epoch' (did you mean 'epochs'?); ...
         """
-        if not isinstance(d, dict):
-            raise ConfigError(
-                f"a training config is a mapping of keys to values, got {type(d).__name__}"
-            )
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key not in hints:
-                raise ConfigError(
-                    f"unknown config key {key!r}{_did_you_mean(str(key), names)}; valid keys "
-                    f"are {names}"
-                )
-            kwargs[key] = _convert(key, value, hints[key])
-        return cls(**kwargs)
+        return cls(**typed_fields(cls, d, "a training config"))
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain Python values (what :meth:`from_dict` reads back).
@@ -186,6 +172,25 @@ class TrainConfig:
             resume=self.resume,
             show_progress=self.show_progress,
         )
+
+
+def typed_fields(cls: type, d: Any, what: str) -> dict[str, Any]:
+    """The keys of mapping ``d`` checked against dataclass ``cls``'s fields and converted to
+    their annotated types (numbers written as strings included), or a ConfigError naming the
+    bad key and listing the valid ones."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} is a mapping of keys to values, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key {key!r}{_did_you_mean(str(key), names)}; valid keys "
+                f"are {names}"
+            )
+        kwargs[key] = _convert(key, value, hints[key])
+    return kwargs
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
@@ -259,19 +264,8 @@ def require_yaml() -> Any:
     return yaml
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a :class:`TrainConfig` from a ``.yaml`` / ``.yml`` (needs pyyaml) or ``.json`` file.
-
-    An empty file gives the defaults.
-
-    Example:
-        >>> import json, tempfile
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     p = Path(d) / "run.json"
-        ...     _ = p.write_text(json.dumps({"epochs": 2, "strategy": "distill"}))
-        ...     load_config(p).strategy
-        'distill'
-    """
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping in a ``.yaml`` / ``.yml`` (needs pyyaml) or ``.json`` file (empty: ``{}``)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".json"):
@@ -296,6 +290,23 @@ def load_config(path: str | Path) -> TrainConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a :class:`TrainConfig` from a ``.yaml`` / ``.yml`` (needs pyyaml) or ``.json`` file.
+
+    An empty file gives the defaults.
+
+    Example:
+        >>> import json, tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = Path(d) / "run.json"
+        ...     _ = p.write_text(json.dumps({"epochs": 2, "strategy": "distill"}))
+        ...     load_config(p).strategy
+        'distill'
+    """
+    data = read_mapping(path)
     try:
         return TrainConfig.from_dict(data)
     except ConfigError as exc:

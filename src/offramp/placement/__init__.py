@@ -1,0 +1,65 @@
+"""Where to put the exits (survey §4): candidates, their costs, and the placement rules.
+
+Typical use::
+
+    cand_net = with_candidate_exits(backbone, head="pool")      # a head at every boundary
+    train_candidate_heads(cand_net, train)                       # quick, backbone frozen
+    cands = candidate_costs(cand_net, x[:256], cost="flops")     # or cost="latency"
+    for p in place(cands, ExitRecord.collect(cand_net, val), ExitRecord.collect(cand_net, test)):
+        print(p.rule, p.exits, p.cost, p.accuracy)
+
+``offramp place CONFIG`` runs the same from a config file (:mod:`offramp.placement.job`).
+"""
+
+from offramp.placement.estimate import (
+    COSTS,
+    candidate_costs,
+    train_candidate_heads,
+    with_candidate_exits,
+)
+from offramp.placement.place import RULES, Placement, place, placement_table
+from offramp.placement.problem import (
+    Candidates,
+    OperatingPoint,
+    Record,
+    evaluate_subsets,
+    operating_points,
+    subset_mask,
+)
+from offramp.placement.rules import (
+    MAX_EXHAUSTIVE,
+    SDN_FRACTIONS,
+    exhaustive,
+    flops_spacing,
+    greedy,
+    members,
+    pays,
+    prune,
+    spacing_fractions,
+)
+
+__all__ = [
+    "COSTS",
+    "MAX_EXHAUSTIVE",
+    "RULES",
+    "SDN_FRACTIONS",
+    "Candidates",
+    "OperatingPoint",
+    "Placement",
+    "Record",
+    "candidate_costs",
+    "evaluate_subsets",
+    "exhaustive",
+    "flops_spacing",
+    "greedy",
+    "members",
+    "operating_points",
+    "pays",
+    "place",
+    "placement_table",
+    "prune",
+    "spacing_fractions",
+    "subset_mask",
+    "train_candidate_heads",
+    "with_candidate_exits",
+]

@@ -1,0 +1,138 @@
+"""Candidate exits for a backbone, a quick estimate of how they behave, and what they cost.
+
+:func:`with_candidate_exits` puts a head from the head zoo, sized from ``h_i``'s shape, after
+every block boundary (or the ones given); :func:`train_candidate_heads` trains them on the
+frozen backbone (classifier-wise, a few epochs on a sample of the training data), which is
+enough to estimate the share ``γ_i`` of samples that would leave at each candidate;
+:func:`candidate_costs` returns the costs placement needs, counted in FLOPs or measured in
+seconds. For a plain ``nn.Module``, ``attach_exits(model, at=[...every candidate module...])``
+first gives a network whose block boundaries are the candidate modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from offramp.costs import profile
+from offramp.errors import ConfigError
+from offramp.heads import HeadFactory, make_head
+from offramp.models._shapes import block_output_shapes
+from offramp.network import MultiExitNetwork
+from offramp.placement.problem import Candidates
+
+__all__ = ["COSTS", "candidate_costs", "train_candidate_heads", "with_candidate_exits"]
+
+COSTS = ("flops", "latency")
+
+
+def with_candidate_exits(
+    net: MultiExitNetwork,
+    head: str | HeadFactory = "pool",
+    blocks: Sequence[int] | None = None,
+    *,
+    seed: int | None = 0,
+) -> MultiExitNetwork:
+    """A network sharing ``net``'s blocks and final head, with a fresh head after every
+    candidate block.
+
+    Args:
+        net: the backbone (its early heads, if any, are not used).
+        head: head zoo name or factory, built for each candidate's ``h_i`` shape.
+        blocks: candidate block indices; default every block but the last.
+        seed: seeds the new heads' initialisation.
+
+    Example:
+        >>> from offramp.models import resnet
+        >>> net = resnet(8, 3, widths=(4, 8), blocks_per_stage=(1, 1))
+        >>> with_candidate_exits(net).exit_blocks
+        (0, 1, 2)
+    """
+    if net.input_shape is None:
+        raise ConfigError(
+            "candidate heads are sized from each block's output: build the network with "
+            "input_shape=(C, H, W)"
+        )
+    n = len(net.blocks)
+    chosen = sorted({int(b) % n for b in (range(n - 1) if blocks is None else blocks)})
+    if n - 1 in chosen:
+        chosen.remove(n - 1)
+    shapes = block_output_shapes(list(net.blocks), net.input_shape)
+    with torch.no_grad():
+        net.eval()
+        classes = int(net(torch.zeros(1, *net.input_shape)).final.shape[1])
+    if seed is not None:
+        torch.manual_seed(seed)
+    heads: dict[int, nn.Module] = {b: make_head(head, shapes[b], classes) for b in chosen}
+    heads[n - 1] = net.heads[-1]
+    return MultiExitNetwork(
+        list(net.blocks), heads, input_shape=net.input_shape, num_classes=classes
+    )
+
+
+def train_candidate_heads(
+    net: MultiExitNetwork,
+    data: tuple[Tensor, Tensor],
+    *,
+    epochs: int = 2,
+    limit: int | None = 10_000,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    memory_budget_mb: float = 2048.0,
+    show_progress: bool = True,
+) -> list[object]:
+    """Train every early head on the frozen backbone (backbone untouched): ``epochs`` passes
+    over the first ``limit`` training samples, features cached once
+    (:func:`offramp.training.heads_only.fit_backbone_then_heads`, spilled to disk beyond
+    ``memory_budget_mb``). The backbone's ``requires_grad`` flags are restored afterwards.
+
+    Returns:
+        The epoch logs.
+    """
+    from offramp.training.heads_only import fit_backbone_then_heads
+    from offramp.training.loop import FitConfig
+
+    x, y = data
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    cfg = FitConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, show_progress=show_progress
+    )
+    frozen = [*net.blocks, net.heads[-1]]
+    flags = [[p.requires_grad for p in m.parameters()] for m in frozen]
+    try:
+        return list(
+            fit_backbone_then_heads(
+                net, (x, y), cfg, train_backbone=False, memory_budget_mb=memory_budget_mb
+            )
+        )
+    finally:  # the backbone is the caller's: leave it trainable as it was
+        for m, fl in zip(frozen, flags, strict=True):
+            for p, f in zip(m.parameters(), fl, strict=True):
+                p.requires_grad_(f)
+
+
+def candidate_costs(
+    net: MultiExitNetwork, x: Tensor, cost: str = "flops", *, repeats: int = 5
+) -> Candidates:
+    """Costs of the blocks and candidate heads of ``net``: FLOPs counted on ``x[:1]``, or
+    seconds per sample measured on the batch ``x`` (:func:`offramp.timing.block_latencies`).
+
+    Example:
+        >>> from offramp.models import resnet
+        >>> net = with_candidate_exits(resnet(8, 3, widths=(4, 8), blocks_per_stage=(1, 1)))
+        >>> candidate_costs(net, torch.rand(2, 1, 8, 8)).num
+        3
+    """
+    if cost not in COSTS:
+        raise ConfigError(f"unknown cost {cost!r}; choose one of {COSTS}")
+    if cost == "flops":
+        return Candidates.from_profile(profile(net, x[:1]))
+    from offramp.timing import block_latencies
+
+    blocks, heads = block_latencies(net, x, repeats=repeats)
+    return Candidates(tuple(net.exit_blocks), np.asarray(blocks), np.asarray(heads), "seconds")

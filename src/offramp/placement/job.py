@@ -1,0 +1,310 @@
+"""``offramp place CONFIG``: where should the exits go, answered with numbers.
+
+The config holds a ``train`` mapping — an ``offramp train`` config (:class:`TrainConfig`) for
+the backbone, trained with its final exit only (or resumed when already trained) — and the
+placement settings of :class:`PlaceConfig`. The run then puts a head at every candidate block,
+trains the heads on the frozen backbone (the quick estimate of ``γ_i``), measures the cost
+profile (FLOPs, parameters, bytes of every ``h_i``, and seconds per sample at batch 1 and at
+``batch_size``), runs every placement rule calibrated on the validation split, reports each on
+the test split, and writes into ``output_dir``:
+
+===================  ==========================================================================
+``backbone/``        the backbone's ``offramp train`` run (resumable)
+``candidates.pt``    the candidate network (backbone + trained candidate heads)
+``placement.json``   config, cost profile, per-candidate accuracy, every rule's recommendation
+``placement.png``    expected cost vs accuracy of each rule, beside every exhaustive subset's
+===================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from offramp.errors import ConfigError
+from offramp.placement.estimate import (
+    COSTS,
+    candidate_costs,
+    train_candidate_heads,
+    with_candidate_exits,
+)
+from offramp.placement.place import RULES, place, placement_table
+from offramp.placement.rules import SDN_FRACTIONS
+from offramp.training.config import TrainConfig, read_mapping, typed_fields
+
+__all__ = ["PlaceConfig", "format_placement", "load_place_config", "run_placement"]
+
+
+@dataclass(frozen=True)
+class PlaceConfig:
+    """Everything one ``offramp place`` run needs; the config file holds these keys.
+
+    Attributes:
+        train: the backbone's ``offramp train`` config (``exits`` and ``output_dir`` are
+            ignored: the backbone trains with its final exit only, into
+            ``output_dir/backbone``).
+        candidates: candidate blocks; ``null`` = every block boundary.
+        head: head zoo name for the candidates.
+        head_epochs: epochs of each candidate head on the frozen backbone.
+        head_train_limit: training samples the candidate heads see (``null`` = all).
+        criterion: confidence criterion of the shared-threshold policy.
+        target_drop: accuracy drop allowed against the final exit, percentage points.
+        cost: ``flops`` or ``latency`` (measured seconds per sample at ``batch_size``).
+        batch_size: batch for the latency profile.
+        rules: placement rules to run.
+        fractions: cost fractions of the ``flops_spacing`` rule.
+        max_ratio: greedy rule: bound on the compression ratio.
+        min_accuracy_ratio: greedy rule: bound on accuracy relative to the final exit.
+        min_gain: greedy rule: accuracy (fraction) an exit must add over the previous one.
+        output_dir: where the results go.
+    """
+
+    train: dict[str, Any] = field(default_factory=dict)
+    candidates: list[int] | None = None
+    head: str = "pool"
+    head_epochs: int = 2
+    head_train_limit: int | None = 10_000
+    criterion: str = "max_prob"
+    target_drop: float = 0.5
+    cost: str = "flops"
+    batch_size: int = 256
+    rules: list[str] = field(default_factory=lambda: list(RULES))
+    fractions: list[float] = field(default_factory=lambda: list(SDN_FRACTIONS))
+    max_ratio: float = 0.05
+    min_accuracy_ratio: float = 0.9
+    min_gain: float = 0.005
+    output_dir: str = "runs/place"
+
+    def __post_init__(self) -> None:
+        from offramp.heads import HEADS
+        from offramp.policies import CRITERIA
+
+        checks = (
+            ("cost", self.cost in COSTS, f"one of {list(COSTS)}"),
+            ("head", self.head in HEADS, f"one of {sorted(HEADS)}"),
+            ("criterion", self.criterion in CRITERIA, f"one of {sorted(CRITERIA)}"),
+            ("rules", set(self.rules) <= set(RULES) and self.rules, f"a list from {list(RULES)}"),
+            ("target_drop", 0 <= self.target_drop < 100, "in [0, 100) percentage points"),
+            ("head_epochs", self.head_epochs >= 1, "≥ 1"),
+            ("batch_size", self.batch_size >= 1, "≥ 1"),
+        )
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        cfg = self.train_config()
+        if cfg.val_fraction <= 0:
+            raise ConfigError(
+                "placement calibrates on the validation split: give train.val_fraction > 0"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PlaceConfig:
+        """Build from a mapping (a parsed YAML/JSON file), checking keys and types."""
+        return cls(**typed_fields(cls, d, "a placement config"))
+
+    def train_config(self) -> TrainConfig:
+        """The backbone's training config: final exit only, in ``output_dir/backbone``."""
+        d = {**self.train, "exits": [], "output_dir": str(Path(self.output_dir) / "backbone")}
+        try:
+            cfg = TrainConfig.from_dict(d)
+        except ConfigError as exc:
+            raise ConfigError(f"train: {exc}") from exc
+        if cfg.backbone == "mlp":
+            raise ConfigError(
+                "backbone 'mlp' carries an exit after every hidden layer by construction; "
+                "use 'blenet' or 'resnet' for placement"
+            )
+        return cfg
+
+
+def load_place_config(path: str | Path) -> PlaceConfig:
+    """Read a :class:`PlaceConfig` from YAML or JSON."""
+    try:
+        return PlaceConfig.from_dict(read_mapping(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
+    """Train (or resume) the backbone, estimate every candidate and run every rule.
+
+    Returns:
+        What ``placement.json`` holds.
+    """
+    from offramp.costs import profile
+    from offramp.evaluation import ExitRecord
+    from offramp.timing import block_latencies
+    from offramp.training.job import load_datasets, load_model, run_training
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = cfg.train_config()
+    run_training(tcfg)
+    backbone = load_model(Path(tcfg.output_dir) / "model.pt")
+    splits = load_datasets(tcfg)
+    cand = with_candidate_exits(backbone, cfg.head, cfg.candidates, seed=tcfg.seed)
+    cand_path = out / "candidates.pt"
+    key = json.dumps([tcfg.to_dict(), cfg.head, cand.exit_blocks, cfg.head_epochs,
+                      cfg.head_train_limit])  # fmt: skip
+    saved = torch.load(cand_path, weights_only=True) if cand_path.is_file() else None
+    # heads already trained for this exact backbone config and candidate set are reused
+    if saved is not None and saved.get("key") == key:
+        cand.load_state_dict(saved["state"])
+    else:
+        train_candidate_heads(
+            cand,
+            splits.train,
+            epochs=cfg.head_epochs,
+            limit=cfg.head_train_limit,
+            batch_size=tcfg.batch_size,
+            lr=tcfg.lr,
+            seed=tcfg.seed,
+            show_progress=tcfg.show_progress,
+        )
+        torch.save({"key": key, "state": cand.state_dict()}, cand_path)
+    cand.eval()
+    x = splits.val[0][: cfg.batch_size]
+    prof = profile(cand, x[:1])
+    lat1 = block_latencies(cand, x[:1])
+    latb = block_latencies(cand, x)
+    cands = candidate_costs(cand, x, "flops")
+    if cfg.cost == "latency":
+        from offramp.placement.problem import Candidates
+
+        cands = Candidates(cands.blocks, np.asarray(latb[0]), np.asarray(latb[1]), "seconds")
+    val, test = ExitRecord.collect(cand, splits.val), ExitRecord.collect(cand, splits.test)
+    placements = place(
+        cands,
+        val,
+        test,
+        criterion=cfg.criterion,
+        delta=cfg.target_drop / 100,
+        rules=cfg.rules,
+        fractions=cfg.fractions,
+        max_ratio=cfg.max_ratio,
+        min_accuracy_ratio=cfg.min_accuracy_ratio,
+        min_gain=cfg.min_gain,
+    )
+    final = float(test.correct()[-1].double().mean())
+    result: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "cost": cfg.cost,
+        "final_accuracy": final,
+        "profile": _profile_rows(prof, lat1, latb, cfg.batch_size),
+        "candidates": [
+            {"block": b, "val_accuracy": float(a), "test_accuracy": float(t)}
+            for b, a, t in zip(
+                cand.exit_blocks, val.exit_accuracy(), test.exit_accuracy(), strict=True
+            )
+        ],
+        "rows": [p.to_dict() for p in placements],
+    }
+    result["json"] = str(out / "placement.json")
+    result["plot"] = str(_plot(placements, cands, val, cfg, out / "placement.png"))
+    Path(result["json"]).write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def _profile_rows(prof: Any, lat1: Any, latb: Any, batch: int) -> list[dict[str, Any]]:
+    heads = dict(zip(prof.exit_blocks, range(len(prof.exit_blocks)), strict=True))
+    rows = []
+    for k in range(len(prof.block_flops)):
+        i = heads.get(k)
+        rows.append(
+            {
+                "block": k,
+                "block_flops": prof.block_flops[k],
+                "block_params": prof.block_params[k],
+                "h_bytes": prof.activation_bytes[k],
+                "block_ms_b1": 1e3 * lat1[0][k],
+                f"block_ms_per_sample_b{batch}": 1e3 * latb[0][k],
+                "head_flops": prof.head_flops[i] if i is not None else None,
+                "head_params": prof.head_params[i] if i is not None else None,
+                "head_ms_b1": 1e3 * lat1[1][i] if i is not None else None,
+                f"head_ms_per_sample_b{batch}": 1e3 * latb[1][i] if i is not None else None,
+            }
+        )
+    return rows
+
+
+def _plot(placements: Any, cands: Any, val: Any, cfg: PlaceConfig, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if cands.num - 1 <= 12:
+        from offramp.placement.problem import Record, operating_points
+
+        rec = Record.from_exit_record(val, cfg.criterion)
+        pts = operating_points(cands, rec, np.arange(1 << (cands.num - 1)), cfg.target_drop / 100)
+        ax.scatter([p.cost for p in pts], [100 * p.accuracy for p in pts], s=6, c="0.75",
+                   label="every subset (validation)")  # fmt: skip
+    for p in placements:
+        ax.scatter([p.cost], [100 * p.accuracy], s=40, label=f"{p.rule} (test)")
+    ax.set_xlabel(f"expected cost / plain backbone ({cands.unit})")
+    ax.set_ylabel("accuracy %")
+    ax.set_title(f"exit placement at ≤ {cfg.target_drop} pp drop")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_placement(r: dict[str, Any]) -> str:
+    """The candidates, the cost profile and every rule's recommendation, as text."""
+    from offramp.placement.place import Placement
+    from offramp.report import format_table
+
+    batch = r["config"]["batch_size"]
+    prof = format_table(
+        [
+            "block",
+            "FLOPs",
+            "params",
+            "h bytes",
+            "ms b=1",
+            f"ms/sample b={batch}",
+            "head FLOPs",
+            "head ms b=1",
+        ],
+        [
+            [
+                row["block"],
+                f"{row['block_flops']:.0f}",
+                row["block_params"],
+                row["h_bytes"],
+                f"{row['block_ms_b1']:.3f}",
+                f"{row[f'block_ms_per_sample_b{batch}']:.4f}",
+                "—" if row["head_flops"] is None else f"{row['head_flops']:.0f}",
+                "—" if row["head_ms_b1"] is None else f"{row['head_ms_b1']:.3f}",
+            ]
+            for row in r["profile"]
+        ],
+    )
+    cands = format_table(
+        ["candidate block", "val accuracy %", "test accuracy %"],
+        [
+            [c["block"], f"{100 * c['val_accuracy']:.2f}", f"{100 * c['test_accuracy']:.2f}"]
+            for c in r["candidates"]
+        ],
+    )
+    fields = {f.name for f in dataclasses.fields(Placement)}
+    rows = [Placement(**{k: v for k, v in row.items() if k in fields}) for row in r["rows"]]
+    return "\n\n".join(
+        [
+            "cost profile (per sample)\n" + prof,
+            "candidates\n" + cands,
+            f"placement (cost in {r['cost']}, relative to the plain backbone; calibrated on "
+            "validation, reported on test)\n" + placement_table(rows, r["final_accuracy"]),
+            f"written to {r['json']} and {r['plot']}",
+        ]
+    )
