@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from _common import cnn_fit_config, dataset_root
 from offramp.data import load_mnist
 from offramp.evaluation import ExitRecord
 from offramp.models import resnet
@@ -45,23 +45,13 @@ from offramp.placement import (
     with_candidate_exits,
 )
 from offramp.report import format_table
-from offramp.training.loop import FitConfig, fit
+from offramp.training.loop import fit
 
 
 def train_backbone(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> Any:
     net = resnet(28, 10, widths=(16, 32, 64), blocks_per_stage=(3, 3, 3), exits_after=(),
                  seed=args.seed)  # fmt: skip
-    cfg = FitConfig(
-        epochs=args.epochs,
-        batch_size=128,
-        lr=args.lr,
-        weight_decay=5e-4,
-        lr_schedule="cosine",
-        seed=args.seed,
-        show_progress=not args.quiet,
-        checkpoint=str(Path(args.checkpoint_dir) / f"backbone-e{args.epochs}-n{len(y)}.pt"),
-    )
-    hist = fit(net, (x, y), cfg)
+    hist = fit(net, (x, y), cnn_fit_config(args, f"backbone-e{args.epochs}-n{len(y)}.pt"))
     return net, sum(h.seconds for h in hist)
 
 
@@ -96,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    root = Path(os.environ.get("OFFRAMP_DATA", "../shared/data")) / "fashion-mnist"
-    if not root.is_dir():
-        print(f"skipped: fashion-mnist not found at {root} (set OFFRAMP_DATA)", file=sys.stderr)
+    root = dataset_root("fashion-mnist")
+    if root is None:
         return 0
     x, y = load_mnist(root, "train")
     xt, yt = load_mnist(root, "test")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from _common import cnn_fit_config, dataset_root
 from offramp.analysis import oracle_saving_captured, oracle_summary
 from offramp.calibration import calibrate_policies
 from offramp.costs import profile
@@ -51,7 +51,7 @@ from offramp.policies import ThresholdPolicy
 from offramp.report import format_table
 from offramp.runtime import MODES, EarlyExitRuntime
 from offramp.timing import compare_wallclock
-from offramp.training import FitConfig, fit
+from offramp.training import fit
 
 #: Keys every dataset's entry carries (the contract outside checks read).
 CONTRACT_KEYS = (
@@ -110,17 +110,7 @@ def run_dataset(name: str, root: Path, args: argparse.Namespace) -> dict[str, An
     n_train = min(x.shape[0] - args.val, args.train_limit or x.shape[0])
     train, val = (x[:n_train], y[:n_train]), (x[-args.val :], y[-args.val :])
     net = build(args.seed)
-    cfg = FitConfig(
-        epochs=args.epochs,
-        batch_size=128,
-        lr=args.lr,
-        weight_decay=5e-4,
-        lr_schedule="cosine",
-        seed=args.seed,
-        show_progress=not args.quiet,
-        checkpoint=str(Path(args.checkpoint_dir) / f"{name}-e{args.epochs}-n{n_train}.pt"),
-    )
-    hist = fit(net, train, cfg)
+    hist = fit(net, train, cnn_fit_config(args, f"{name}-e{args.epochs}-n{n_train}.pt"))
     net.eval()
     rec_val = ExitRecord.collect(net, val)
     rec_test = ExitRecord.collect(net, (xt, yt))
@@ -300,14 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
-    base = Path(os.environ.get("OFFRAMP_DATA", "../shared/data"))
     results: dict[str, Any] = {}
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     for ds in [d.strip() for d in args.datasets.split(",") if d.strip()]:
-        root = base / ds
-        if not root.is_dir():
-            print(f"skipped {ds}: not found at {root} (set OFFRAMP_DATA)", file=sys.stderr)
+        root = dataset_root(ds)
+        if root is None:
             continue
         print(f"--- {ds}", file=sys.stderr)
         results[ds] = run_dataset(ds, root, args)

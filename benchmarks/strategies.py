@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from _common import dataset_root
 from offramp.calibration import ThresholdCalibrator
 from offramp.costs import profile
 from offramp.data import load_mnist
@@ -222,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
 
-    root = Path(os.environ.get("OFFRAMP_DATA", "../shared/data")) / "fashion-mnist"
-    if not root.is_dir():
-        print(f"skipped: Fashion-MNIST not found at {root} (set OFFRAMP_DATA)", file=sys.stderr)
+    root = dataset_root("fashion-mnist")
+    if root is None:
         return 0
     x, y = load_mnist(root, "train")
     n_train = x.shape[0] - args.val
