@@ -247,3 +247,23 @@ def test_with_candidate_exits_needs_an_input_shape():
     net = MultiExitNetwork([nn.Linear(4, 4), nn.Linear(4, 3)], {1: nn.Identity()})
     with pytest.raises(ConfigError, match="input_shape"):
         with_candidate_exits(net)
+
+
+def test_candidates_of_an_attach_exits_model_are_its_named_modules():
+    from torch import nn
+
+    from offramp.convert import attach_exits
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 5),
+    ).eval()  # fmt: skip
+    x = torch.rand(6, 1, 8, 8)
+    net = attach_exits(model, at=["1", "3"], example_input=x[:1], head="pool")
+    cand = with_candidate_exits(net, "mixpool")  # one candidate per cut, new heads
+    assert cand.exit_blocks == (0, 1, 2)
+    with torch.no_grad():
+        outs = cand(x)
+        torch.testing.assert_close(outs.final, model(x))  # the model's own output is final
+    assert [tuple(o.shape) for o in outs] == [(6, 5)] * 3
+    assert candidate_costs(cand, x).num == 3
