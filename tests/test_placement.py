@@ -267,3 +267,30 @@ def test_candidates_of_an_attach_exits_model_are_its_named_modules():
         torch.testing.assert_close(outs.final, model(x))  # the model's own output is final
     assert [tuple(o.shape) for o in outs] == [(6, 5)] * 3
     assert candidate_costs(cand, x).num == 3
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 6), st.sampled_from([0.0, 0.05]))
+def test_every_exit_left_by_eq4_pruning_pays(seed, k, delta):
+    cands, rec = _random_problem(seed, k, 40)
+    point, trace = prune(cands, rec, delta)
+    exits = rec.exits(point.subset, point.threshold)
+    cum = cands.cumulative(point.subset)
+    for j in members(point.subset, k):
+        reach, leave = float((exits >= j).mean()), float((exits == j).mean())
+        assert pays(reach, leave, cands.head_costs[j], cum[-1], cum[j])
+    removed = [t["removed"] for t in trace]
+    assert len(set(removed)) == len(removed)
+    assert not set(removed) & set(members(point.subset, k))
+
+
+def test_place_skips_exhaustive_beyond_twelve_candidates(caplog):
+    rng = np.random.default_rng(0)
+    k = 14
+    cands = Candidates(tuple(range(k)), np.ones(k), np.full(k, 0.01))
+    rec = ExitRecord(torch.as_tensor(rng.normal(size=(k, 30, 3)), dtype=torch.float32),
+                     torch.as_tensor(rng.integers(0, 3, 30)))  # fmt: skip
+    with caplog.at_level("WARNING"):
+        out = place(cands, rec, rules=("all", "exhaustive"))
+    assert [p.rule for p in out] == ["all"]
+    assert "exhaustive placement skipped" in caplog.text

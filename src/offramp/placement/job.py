@@ -290,11 +290,19 @@ def format_placement(r: dict[str, Any]) -> str:
             for row in r["profile"]
         ],
     )
+    # γ_i: share of test samples leaving at each candidate when all of them are exits
+    every = next((row for row in r["rows"] if row["rule"] == "all"), None)
+    gamma = every["exit_fractions"] if every else [None] * len(r["candidates"])
     cands = format_table(
-        ["candidate block", "val accuracy %", "test accuracy %"],
+        ["candidate block", "val accuracy %", "test accuracy %", "γ (rule all)"],
         [
-            [c["block"], f"{100 * c['val_accuracy']:.2f}", f"{100 * c['test_accuracy']:.2f}"]
-            for c in r["candidates"]
+            [
+                c["block"],
+                f"{100 * c['val_accuracy']:.2f}",
+                f"{100 * c['test_accuracy']:.2f}",
+                "—" if g is None else f"{g:.3f}",
+            ]
+            for c, g in zip(r["candidates"], gamma, strict=True)
         ],
     )
     fields = {f.name for f in dataclasses.fields(Placement)}

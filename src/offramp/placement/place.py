@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +22,8 @@ from offramp.placement.rules import (
 )
 
 __all__ = ["RULES", "Placement", "place", "placement_table"]
+
+log = logging.getLogger(__name__)
 
 RULES = ("all", "flops_spacing", "eq4", "eq5_greedy", "exhaustive")
 
@@ -138,7 +141,13 @@ def place(
             point = _point(cands, rec, mask, delta)
         else:
             if k - 1 > MAX_EXHAUSTIVE:
-                details["skipped"] = f"more than {MAX_EXHAUSTIVE} early candidates"
+                log.warning(
+                    "exhaustive placement skipped: %d early candidates, at most %d are searched "
+                    "(2^%d subsets); pass fewer candidates or rely on the other rules",
+                    k - 1,
+                    MAX_EXHAUSTIVE,
+                    MAX_EXHAUSTIVE,
+                )
                 continue
             point = exhaustive(cands, rec, delta)
         out.append(_report(rule, cands, rec, point, test, criterion, details))
