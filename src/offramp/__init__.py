@@ -10,7 +10,7 @@ from offramp.errors import OfframpError
 from offramp.evaluation import ExitRecord, simulate
 from offramp.heads import HEADS, make_head, register_head
 from offramp.network import ExitOutputs, MultiExitNetwork
-from offramp.policies import ThresholdPolicy, max_softmax, normalized_entropy
+from offramp.policies import GateScorer, ThresholdPolicy, max_softmax, normalized_entropy
 from offramp.runtime import EarlyExitRuntime, RuntimeResult
 from offramp.training import FitConfig, JointTraining, fit
 
@@ -23,6 +23,7 @@ __all__ = [
     "ExitOutputs",
     "ExitRecord",
     "FitConfig",
+    "GateScorer",
     "JointTraining",
     "MultiExitNetwork",
     "OfframpError",

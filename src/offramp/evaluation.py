@@ -7,13 +7,13 @@ array work on that record, with no further forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from offramp._progress import progress
 from offramp.costs import expected_cost
@@ -60,6 +60,8 @@ class ExitRecord:
     Attributes:
         logits: ``(E, N, C)`` float32 on the CPU.
         labels: ``(N,)`` int64.
+        feature_scores: optional ``(E − 1, N)`` scores of confidence models on the early exits'
+            features (the gates of recursive gating), for policies that use them.
 
     Example:
         >>> import torch
@@ -70,6 +72,7 @@ class ExitRecord:
 
     logits: Tensor
     labels: Tensor
+    feature_scores: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.logits.dim() != 3:
@@ -78,6 +81,12 @@ class ExitRecord:
             raise ShapeError(
                 f"ExitRecord.labels must be (N,) = ({self.logits.shape[1]},), "
                 f"got {tuple(self.labels.shape)}"
+            )
+        want = (self.logits.shape[0] - 1, self.logits.shape[1])
+        if self.feature_scores is not None and tuple(self.feature_scores.shape) != want:
+            raise ShapeError(
+                f"ExitRecord.feature_scores must be (E − 1, N) = {want}, "
+                f"got {tuple(self.feature_scores.shape)}"
             )
 
     @classmethod
@@ -89,6 +98,7 @@ class ExitRecord:
         *,
         batch_size: int = 256,
         show_progress: bool = False,
+        feature_scorers: Sequence[nn.Module] | None = None,
     ) -> ExitRecord:
         """Run every exit of ``net`` once over ``data`` (eval mode, no gradients).
 
@@ -97,20 +107,35 @@ class ExitRecord:
             data: ``(X, y)`` tensors or an iterable of ``(x, y)`` batches (e.g. a DataLoader).
             batch_size: batch size when ``data`` is a pair of tensors.
             show_progress: show a progress bar.
+            feature_scorers: one module per early exit scoring its features ``h_i`` (the gates
+                of recursive gating, :class:`~offramp.policies.GateScorer`); their scores are
+                kept as ``feature_scores``.
         """
+        if feature_scorers is not None and len(feature_scorers) != net.num_exits - 1:
+            raise ShapeError(
+                f"got {len(feature_scorers)} feature scorers for {net.num_exits - 1} early exits"
+            )
         was_training = net.training
         net.eval()
         batches, total = iterate_batches(data, batch_size)
         logits: list[Tensor] = []
         labels: list[Tensor] = []
+        scores: list[Tensor] = []
         for x, y in progress(batches, total=total, desc="record", enabled=show_progress):
             check_input(x, net.input_shape)
-            logits.append(net(x).stack().float().cpu())  # (E, B, C)
+            if feature_scorers is None:
+                outs = net(x)
+            else:
+                feats, outs = net(x, return_features=True)
+                rows = [sc(h) for sc, h in zip(feature_scorers, feats[:-1], strict=True)]
+                scores.append(torch.stack(rows).float().cpu())  # (E-1, B)
+            logits.append(outs.stack().float().cpu())  # (E, B, C)
             labels.append(y.long().cpu())
         net.train(was_training)
         if not logits:
             raise DataError("cannot collect an ExitRecord from an empty dataset")
-        return cls(torch.cat(logits, dim=1), torch.cat(labels))
+        fs = torch.cat(scores, dim=1) if scores else None
+        return cls(torch.cat(logits, dim=1), torch.cat(labels), fs)
 
     @property
     def num_exits(self) -> int:
@@ -123,7 +148,8 @@ class ExitRecord:
     def subset(self, index: Tensor | np.ndarray | slice) -> ExitRecord:
         """The record restricted to some samples."""
         idx = torch.as_tensor(index) if not isinstance(index, slice) else index
-        return ExitRecord(self.logits[:, idx], self.labels[idx])
+        fs = self.feature_scores[:, idx] if self.feature_scores is not None else None
+        return ExitRecord(self.logits[:, idx], self.labels[idx], fs)
 
     def predictions(self) -> Tensor:
         """Predicted class of every sample at every exit, ``(E, N)``."""
@@ -176,12 +202,13 @@ class ExitRecord:
         }
 
     def save(self, path: str | Path) -> None:
-        torch.save({"logits": self.logits, "labels": self.labels}, Path(path))
+        d = {"logits": self.logits, "labels": self.labels, "feature_scores": self.feature_scores}
+        torch.save(d, Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> ExitRecord:
         d = torch.load(Path(path), weights_only=True)
-        return cls(d["logits"], d["labels"])
+        return cls(d["logits"], d["labels"], d.get("feature_scores"))
 
 
 def simulate(record: ExitRecord, policy: ExitPolicy) -> Decisions:
@@ -190,7 +217,7 @@ def simulate(record: ExitRecord, policy: ExitPolicy) -> Decisions:
     This is the reference the runtime must reproduce exactly: both run the policy's exit tests
     (:func:`offramp.policies.decide`).
     """
-    return record.decisions(decide(policy, record.logits))
+    return record.decisions(decide(policy, record.logits, record.feature_scores))
 
 
 def exit_histogram(exits: np.ndarray | Tensor, num_exits: int) -> np.ndarray:

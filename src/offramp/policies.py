@@ -37,6 +37,7 @@ __all__ = [
     "CRITERIA",
     "Criterion",
     "ExitPolicy",
+    "GateScorer",
     "PatiencePolicy",
     "PatienceTest",
     "TemperatureScorer",
@@ -166,6 +167,11 @@ def exit_scores(
         raise ConfigError(
             f"got {len(scorers)} scorers for {logits.shape[0] - 1} early exits; give one each"
         )
+    if any(getattr(sc, "on_features", False) for sc in scorers):
+        raise ConfigError(
+            "these scorers score exit features (gates), not logits: take their scores from a "
+            "record collected with ExitRecord.collect(net, data, feature_scorers=scorers)"
+        )
     with torch.no_grad():
         rows = [sc(z) for sc, z in zip(scorers, logits[:-1], strict=True)]
     rows.append(logits.new_zeros(logits.shape[1]))
@@ -193,7 +199,13 @@ class TemperatureScorer(nn.Module):
 
 
 class ThresholdTest(nn.Module):
-    """Exit test of one early exit: ``score(logits)`` against a threshold; state untouched."""
+    """Exit test of one early exit: ``score(logits)`` against a threshold; state untouched.
+
+    A scorer with ``on_features = True`` (a gate of recursive gating, :class:`GateScorer`)
+    scores the exit's features ``h_i`` instead of its logits: the runtime then hands the test
+    ``h_i``, and the simulation the score recorded from the same module
+    (``ExitRecord.collect(..., feature_scorers=...)``), compared by the same :meth:`compare`.
+    """
 
     def __init__(
         self, scorer: nn.Module | Callable[[Tensor], Tensor], threshold: float, lower: bool
@@ -201,12 +213,39 @@ class ThresholdTest(nn.Module):
         super().__init__()
         self.scorer = scorer
         self.lower = bool(lower)
+        self.on_features = bool(getattr(scorer, "on_features", False))
         self.register_buffer("threshold", torch.tensor(float(threshold)), persistent=False)
 
-    def forward(self, logits: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        s = self.scorer(logits)
+    def compare(self, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """The decision from scores ``s`` ``(B,)``."""
         leave = s < self.threshold if self.lower else s > self.threshold
         return leave, state
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        return self.compare(self.scorer(x), state)
+
+
+class GateScorer(nn.Module):
+    """A confidence model on an exit's features ``h_i`` (not its logits), scoring in ``[0, 1]``
+    with higher = leave — the gates of recursive gating (eq. 9,
+    :meth:`offramp.training.GatedTraining.gate_scorers`). Use with criterion ``"learned"``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> g = GateScorer(nn.Sequential(nn.Linear(4, 1), nn.Sigmoid(), nn.Flatten(0)))
+        >>> g.on_features, tuple(g(torch.randn(3, 4)).shape)
+        (True, (3,))
+    """
+
+    on_features = True
+
+    def __init__(self, gate: nn.Module) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.gate(h).reshape(h.shape[0])  # (B, 1) or (B,) -> (B,)
 
 
 class PatienceTest(nn.Module):
@@ -254,11 +293,12 @@ class ExitPolicy(ABC):
         return torch.zeros((n, self.state_size), dtype=torch.long, device=device)
 
 
-def decide(policy: ExitPolicy, logits: Tensor) -> Tensor:
+def decide(policy: ExitPolicy, logits: Tensor, feature_scores: Tensor | None = None) -> Tensor:
     """Exit of every sample from all exits' logits ``(E, N, C) -> (N,)``: the simulation.
 
     Runs the policy's exit tests over whole exits (vectorised over samples): a sample leaves at
-    the first exit whose test fires, the final exit otherwise.
+    the first exit whose test fires, the final exit otherwise. Tests scoring features (gates)
+    compare the recorded ``feature_scores`` ``(E − 1, N)`` instead.
 
     Example:
         >>> import torch
@@ -273,7 +313,15 @@ def decide(policy: ExitPolicy, logits: Tensor) -> Tensor:
     state = policy.initial_state(n, logits.device)
     with torch.no_grad():
         for i, test in enumerate(policy.exit_tests()):
-            leave, state = test(logits[i], state)
+            if getattr(test, "on_features", False):
+                if feature_scores is None:
+                    raise ConfigError(
+                        "the policy scores exit features (gates): collect the record with "
+                        "ExitRecord.collect(net, data, feature_scorers=policy.scorers)"
+                    )
+                leave, state = test.compare(feature_scores[i], state)
+            else:
+                leave, state = test(logits[i], state)
             exits[leave & ~done] = i
             done |= leave
     return exits

@@ -71,16 +71,18 @@ class RuntimeResult:
 
 
 class _Step(nn.Module):
-    """body → head → exit test, as one module: ``(h, state) -> (h_next, logits, leave, state)``."""
+    """body → head → exit test, as one module: ``(h, state) -> (h_next, logits, leave, state)``.
+    The test sees the logits, or ``h`` when it scores features (a gate)."""
 
     def __init__(self, body: nn.Module, head: nn.Module, test: nn.Module):
         super().__init__()
         self.body, self.head, self.test = body, head, test
+        self.on_features = bool(getattr(test, "on_features", False))
 
     def forward(self, h: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         h = self.body(h)
         logits = self.head(h)
-        leave, state = self.test(logits, state)
+        leave, state = self.test(h if self.on_features else logits, state)
         return h, logits, leave, state
 
 

@@ -36,7 +36,16 @@ __all__ = [
 def record_scores(
     record: ExitRecord, criterion: str, scorers: Sequence[nn.Module] | None = None
 ) -> torch.Tensor:
-    """Scores of every exit on ``record``, ``(E, N)`` (:func:`offramp.policies.exit_scores`)."""
+    """Scores of every exit on ``record``, ``(E, N)`` (:func:`offramp.policies.exit_scores`);
+    scorers of exit features (gates) read the record's ``feature_scores``."""
+    if scorers is not None and any(getattr(s, "on_features", False) for s in scorers):
+        if record.feature_scores is None:
+            raise ConfigError(
+                "the scorers score exit features (gates): collect the record with "
+                "ExitRecord.collect(net, data, feature_scorers=scorers)"
+            )
+        fs = record.feature_scores
+        return torch.cat([fs, fs.new_zeros(1, fs.shape[1])]).float()  # final row unused
     return exit_scores(record.logits, criterion, scorers)
 
 

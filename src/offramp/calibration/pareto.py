@@ -118,7 +118,7 @@ class ParetoFront:
 
 
 def _point(record: ExitRecord, rel: np.ndarray, label: str, policy: ExitPolicy) -> ParetoPoint:
-    exits = decide(policy, record.logits).numpy()
+    exits = decide(policy, record.logits, record.feature_scores).numpy()
     return ParetoPoint(label, record.accuracy(exits), float(rel[exits].mean()), policy)
 
 

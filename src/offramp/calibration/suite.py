@@ -56,7 +56,7 @@ class CalibratedPolicy:
 
 
 def _evaluate(policy: ExitPolicy, record: ExitRecord, rel: np.ndarray) -> tuple[float, float]:
-    exits = decide(policy, record.logits).numpy()
+    exits = decide(policy, record.logits, record.feature_scores).numpy()
     return record.accuracy(exits), float(rel[exits].mean())
 
 
@@ -90,7 +90,7 @@ def calibrate_policies(
         except ConfigError:  # the goal is out of this family's reach on val
             return
         secs = time.perf_counter() - t0
-        exits = decide(policy, val.logits)
+        exits = decide(policy, val.logits, val.feature_scores)
         acc, cost = val.accuracy(exits.numpy()), float(rel[exits.numpy()].mean())
         right = val.correct().gather(0, exits[None])[0]
         changed = int((right != val.correct()[-1]).sum())

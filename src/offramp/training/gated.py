@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork
+from offramp.policies import GateScorer
 from offramp.training.joint import (
     Schedule,
     ScheduledLambdas,
@@ -178,6 +179,23 @@ class GatedTraining(ScheduledLambdas, nn.Module):
                 f"need features of {len(self.gates)} early exits, got {len(features)}"
             )
         return [g(h) for g, h in zip(self.gates, features, strict=False)]
+
+    def gate_scorers(self) -> tuple[GateScorer, ...]:
+        """The trained gates as exit scorers for policies, calibration and the runtime (in eval
+        mode; they share parameters with this strategy):
+        ``ThresholdPolicy("learned", τ, scorers=strategy.gate_scorers())``, thresholds from
+        ``ThresholdCalibrator("learned", δ, scorers=...)`` on a record collected with
+        ``ExitRecord.collect(net, data, feature_scorers=...)``; ``τ = ½`` is the gates' own rule.
+
+        Example:
+            >>> import torch
+            >>> from offramp.models import mlp
+            >>> net = mlp(4, 3, hidden=(8, 8))
+            >>> s = GatedTraining.for_network(net, torch.randn(2, 4))
+            >>> [type(g).__name__ for g in s.gate_scorers()]
+            ['GateScorer']
+        """
+        return tuple(GateScorer(g).eval() for g in self.gates)
 
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Gated loss (+ joint loss, + soft cost) on one batch."""
