@@ -143,21 +143,35 @@ def test_eq4_by_hand():
     assert not pays(0.5, 0.0, head_cost=0.01, final_cost=10.0, exit_cost=4.0)
 
 
-def test_eq4_prunes_the_exit_that_does_not_pay():
-    # three blocks of cost 1; exit 0 (cheap head) lets 60 % leave, all right; exit 1 has an
-    # expensive head and lets nobody else leave: it is pruned, exit 0 stays.
+def _eq4_case(leave_at_1: int) -> Record:
+    """Ten samples, three blocks of cost 1. Exit 0 is confident and right on samples 0-5 and
+    wrong on 6-9 (so the threshold must keep those from leaving there); exit 1 is confident on
+    ``leave_at_1`` of samples 6-9 and right everywhere, as is the final exit."""
     n = 10
     scores = np.zeros((3, n))
     scores[0, :6] = 1.0
+    scores[1, 6 : 6 + leave_at_1] = 1.0
     correct = np.ones((3, n), dtype=bool)
-    cands = Candidates((0, 1, 2), np.ones(3), np.array([0.01, 0.5, 0.1]))
-    point, trace = prune(cands, _record(scores, correct), delta=0.0)
-    assert members(point.subset, 3) == [0]
-    assert [t["removed"] for t in trace] == [1]
-    # with the same samples, a free head at exit 1 costs nothing, but saves nothing either
-    cands_free = Candidates((0, 1, 2), np.ones(3), np.array([0.01, 0.0, 0.1]))
-    point, _ = prune(cands_free, _record(scores, correct), delta=0.0)
-    assert members(point.subset, 3) == [0]
+    correct[0, 6:] = False
+    return _record(scores, correct)
+
+
+@pytest.mark.parametrize(
+    ("head_1", "leave_at_1", "kept"),
+    [
+        # r_1 = 0.4 of the samples reach exit 1; each one leaving saves C_L − C_1 = 1.1
+        (0.6, 2, [0]),  # γ_1 = 0.2: r·C(c) = 0.24 > γ·1.1 = 0.22, pruned
+        (0.5, 2, [0, 1]),  # 0.20 < 0.22: pays (just)
+        (0.0, 2, [0, 1]),  # a free head pays as soon as anyone leaves there
+        (0.6, 4, [0, 1]),  # γ_1 = 0.4: 0.24 < 0.44, pays
+    ],
+)
+def test_eq4_prunes_exactly_the_exit_that_does_not_pay(head_1, leave_at_1, kept):
+    cands = Candidates((0, 1, 2), np.ones(3), np.array([0.01, head_1, 0.1]))
+    point, trace = prune(cands, _eq4_case(leave_at_1), delta=0.0)
+    assert point.accuracy == 1.0  # the threshold keeps exit 0's wrong samples from leaving
+    assert members(point.subset, 3) == kept
+    assert [t["removed"] for t in trace] == ([] if 1 in kept else [1])
 
 
 # -------------------------------------------------------------------------------- eq. 5
@@ -294,3 +308,33 @@ def test_place_skips_exhaustive_beyond_twelve_candidates(caplog):
         out = place(cands, rec, rules=("all", "exhaustive"))
     assert [p.rule for p in out] == ["all"]
     assert "exhaustive placement skipped" in caplog.text
+
+
+def test_a_single_candidate_is_just_the_final_exit():
+    cands = Candidates((0,), np.ones(1), np.full(1, 0.1))
+    rec = ExitRecord(torch.randn(1, 20, 3), torch.randint(0, 3, (20,)))
+    out = place(cands, rec, rec)
+    assert all(p.exits == [] and p.cost == pytest.approx(1.0) for p in out)
+
+
+def test_place_checks_both_records():
+    cands = Candidates((0, 1), np.ones(2), np.full(2, 0.1))
+    good = ExitRecord(torch.randn(2, 9, 3), torch.zeros(9, dtype=torch.long))
+    bad = ExitRecord(torch.randn(3, 9, 3), torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ConfigError, match="the test record has 3 exits"):
+        place(cands, good, bad)
+
+
+def test_with_candidate_exits_checks_blocks_and_leaves_the_caller_alone():
+    from offramp.models import resnet
+
+    net = resnet(8, 3, widths=(4, 8), blocks_per_stage=(1, 1)).train()
+    with pytest.raises(ConfigError, match="out of range"):
+        with_candidate_exits(net, blocks=[4])
+    with pytest.raises(ConfigError, match="final exit"):
+        with_candidate_exits(net, blocks=[2])
+    assert with_candidate_exits(net, blocks=[-2]).exit_blocks == (1, 2)
+    state = torch.random.get_rng_state()
+    with_candidate_exits(net, seed=3)
+    assert net.training
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -100,7 +100,7 @@ def test_compiled_padding_keeps_inputs_order_and_global_config():
     import torch._inductor.config as inductor_config
 
     net = MODELS["resnet"](8, 10).eval()
-    x = torch.rand(37, 1, 8, 8)  # not a bucket: padded to 40, then to each survivor count's
+    x = torch.rand(37, 1, 8, 8)  # not a bucket: padded to 48, then to each survivor count's
     rec = ExitRecord.collect(net, (x, torch.zeros(37, dtype=torch.long)))
     pol = _policy(rec, "max_prob", 0.5)
     before = inductor_config.freezing
@@ -111,5 +111,7 @@ def test_compiled_padding_keeps_inputs_order_and_global_config():
     np.testing.assert_array_equal(res.exits.numpy(), sim.exits)
     chosen = rec.logits[torch.as_tensor(sim.exits), torch.arange(37)]
     torch.testing.assert_close(res.logits, chosen, rtol=1e-4, atol=1e-5)
+    plain = rt.plain_backbone()(x)  # inference only, even when called with grad enabled
+    assert not plain.requires_grad
     with torch.no_grad():
-        torch.testing.assert_close(rt.plain_backbone()(x), net(x)[-1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(plain, net(x)[-1], rtol=1e-4, atol=1e-5)

@@ -105,17 +105,17 @@ class _Compiled:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = torch.compile(module, dynamic=False)
-        self._compiled: set[torch.Size] = set()
+        self._compiled: set[tuple[torch.Size, bool]] = set()
 
     def __call__(self, *args: Tensor) -> Any:
-        shape = args[0].shape
-        if shape in self._compiled:
+        key = (args[0].shape, torch.is_grad_enabled())  # freezing applies without grad only
+        if key in self._compiled:
             return self.module(*args)
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
             out = self.module(*args)
-        self._compiled.add(shape)
+        self._compiled.add(key)
         return out
 
 
@@ -133,6 +133,7 @@ class _Bucketed(nn.Module):
         super().__init__()
         self.module, self.channels_last, self.per_octave = module, channels_last, per_octave
 
+    @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[0]
         size = bucket_size(n, self.per_octave)
@@ -250,7 +251,7 @@ class EarlyExitRuntime:
         )
         self._channels_last = False
         if mode == "compile":  # a snapshot, laid out channels-last for convolutions
-            net = copy.deepcopy(net).eval()
+            net = copy.deepcopy(net).eval().requires_grad_(False)  # inference only
             assert example_input is not None
             if example_input.dim() == 4:
                 net = net.to(memory_format=torch.channels_last)

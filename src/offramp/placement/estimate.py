@@ -57,16 +57,24 @@ def with_candidate_exits(
             "input_shape=(C, H, W)"
         )
     n = len(net.blocks)
-    chosen = sorted({int(b) % n for b in (range(n - 1) if blocks is None else blocks)})
-    if n - 1 in chosen:
-        chosen.remove(n - 1)
+    wanted = list(range(n - 1)) if blocks is None else [int(b) for b in blocks]
+    bad = [b for b in wanted if not -n <= b < n - 1 or b == -1]
+    if bad:
+        raise ConfigError(
+            f"candidate blocks {bad} are out of range: an early exit can follow blocks 0 … "
+            f"{n - 2} (or −{n} … −2); the last block ({n - 1}) always carries the final exit"
+        )
+    chosen = sorted({b % n for b in wanted})
     shapes = block_output_shapes(list(net.blocks), net.input_shape)
+    was_training = net.training
     with torch.no_grad():
         net.eval()
         classes = int(net(torch.zeros(1, *net.input_shape)).final.shape[1])
-    if seed is not None:
-        torch.manual_seed(seed)
-    heads: dict[int, nn.Module] = {b: make_head(head, shapes[b], classes) for b in chosen}
+    net.train(was_training)
+    with torch.random.fork_rng(devices=[]):  # seeds the new heads, not the caller's stream
+        if seed is not None:
+            torch.manual_seed(seed)
+        heads: dict[int, nn.Module] = {b: make_head(head, shapes[b], classes) for b in chosen}
     heads[n - 1] = net.heads[-1]
     return MultiExitNetwork(
         list(net.blocks), heads, input_shape=net.input_shape, num_classes=classes
@@ -88,7 +96,8 @@ def train_candidate_heads(
     """Train every early head on the frozen backbone (backbone untouched): ``epochs`` passes
     over the first ``limit`` training samples, features cached once
     (:func:`offramp.training.heads_only.fit_backbone_then_heads`, spilled to disk beyond
-    ``memory_budget_mb``). The backbone's ``requires_grad`` flags are restored afterwards.
+    ``memory_budget_mb``). The backbone's ``requires_grad`` flags and train/eval modes are
+    restored afterwards; its weights are not touched.
 
     Returns:
         The epoch logs.
@@ -104,16 +113,19 @@ def train_candidate_heads(
     )
     frozen = [*net.blocks, net.heads[-1]]
     flags = [[p.requires_grad for p in m.parameters()] for m in frozen]
+    modes = [[sub.training for sub in m.modules()] for m in frozen]
     try:
         return list(
             fit_backbone_then_heads(
                 net, (x, y), cfg, train_backbone=False, memory_budget_mb=memory_budget_mb
             )
         )
-    finally:  # the backbone is the caller's: leave it trainable as it was
-        for m, fl in zip(frozen, flags, strict=True):
+    finally:  # the backbone is the caller's: leave its flags and modes as they were
+        for m, fl, md in zip(frozen, flags, modes, strict=True):
             for p, f in zip(m.parameters(), fl, strict=True):
                 p.requires_grad_(f)
+            for sub, t in zip(m.modules(), md, strict=True):
+                sub.training = t
 
 
 def candidate_costs(

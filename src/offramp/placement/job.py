@@ -10,7 +10,7 @@ the test split, and writes into ``output_dir``:
 
 ===================  ==========================================================================
 ``backbone/``        the backbone's ``offramp train`` run (resumable)
-``candidates.pt``    the candidate network (backbone + trained candidate heads)
+``candidates.pt``    the trained candidate heads (reused by a rerun on the same backbone)
 ``placement.json``   config, cost profile, per-candidate accuracy, every rule's recommendation
 ``placement.png``    expected cost vs accuracy of each rule, beside every exhaustive subset's
 ===================  ==========================================================================
@@ -19,6 +19,7 @@ the test split, and writes into ``output_dir``:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,12 +151,14 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     splits = load_datasets(tcfg)
     cand = with_candidate_exits(backbone, cfg.head, cfg.candidates, seed=tcfg.seed)
     cand_path = out / "candidates.pt"
-    key = json.dumps([tcfg.to_dict(), cfg.head, cand.exit_blocks, cfg.head_epochs,
-                      cfg.head_train_limit])  # fmt: skip
+    # heads trained on these very backbone weights, for this candidate set, are reused
+    weights = hashlib.sha256((Path(tcfg.output_dir) / "model.pt").read_bytes()).hexdigest()
+    key = json.dumps([weights, cfg.head, cand.exit_blocks, cfg.head_epochs,
+                      cfg.head_train_limit, tcfg.batch_size, tcfg.lr, tcfg.seed])  # fmt: skip
     saved = torch.load(cand_path, weights_only=True) if cand_path.is_file() else None
-    # heads already trained for this exact backbone config and candidate set are reused
+    early = cand.heads[:-1]
     if saved is not None and saved.get("key") == key:
-        cand.load_state_dict(saved["state"])
+        early.load_state_dict(saved["heads"])  # the heads only: the backbone is model.pt's
     else:
         train_candidate_heads(
             cand,
@@ -167,7 +170,7 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
             seed=tcfg.seed,
             show_progress=tcfg.show_progress,
         )
-        torch.save({"key": key, "state": cand.state_dict()}, cand_path)
+        torch.save({"key": key, "heads": early.state_dict()}, cand_path)
     cand.eval()
     x = splits.val[0][: cfg.batch_size]
     prof = profile(cand, x[:1])

@@ -106,11 +106,12 @@ def place(
     unknown = [r for r in rules if r not in RULES]
     if unknown:
         raise ConfigError(f"unknown placement rules {unknown}; choose from {list(RULES)}")
-    if val.num_exits != cands.num:
-        raise ConfigError(
-            f"the record has {val.num_exits} exits but there are {cands.num} candidates: record "
-            "the network that carries a head at every candidate"
-        )
+    for name, rec in (("val", val), ("test", test)):
+        if rec is not None and rec.num_exits != cands.num:
+            raise ConfigError(
+                f"the {name} record has {rec.num_exits} exits but there are {cands.num} "
+                "candidates: record the network that carries a head at every candidate"
+            )
     rec = Record.from_exit_record(val, criterion, num_thresholds=num_thresholds)
     k = cands.num
     out = []

@@ -189,6 +189,8 @@ class Record:
     def exits(self, subset: int, tau: float) -> np.ndarray:
         """Candidate index each sample leaves at under ``subset`` and ``tau``, ``(N,)``."""
         k = self.scores.shape[0]
+        if k == 1:  # only the final exit
+            return np.zeros(self.num_samples, dtype=np.int64)
         member = np.array([(subset >> j) & 1 for j in range(k - 1)], dtype=bool)
         f = self.fires(tau) & member[:, None]
         first = np.argmax(f, axis=0)
