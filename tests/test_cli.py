@@ -63,6 +63,12 @@ def test_place_prints_every_rule_and_writes_json_and_plot(tmp_path, capsys):
     stamp = heads.stat().st_mtime_ns
     assert main(["place", str(path)]) == 0  # resumes (progress bars on): nothing retrained
     assert heads.stat().st_mtime_ns == stamp
+    path.write_text(json.dumps({**cfg, "cost": "latency"}))  # same heads, cost in seconds
+    assert main(["place", str(path), "--quiet"]) == 0
+    result = json.loads((tmp_path / "place" / "placement.json").read_text())
+    assert result["cost"] == "latency" and len(result["rows"]) == 5
+    assert all(r["block_ms_per_sample"] > 0 for r in result["profile"])
+    assert "cost in latency" in capsys.readouterr().out
 
 
 def test_place_rejects_a_bad_config(tmp_path, capsys):

@@ -14,6 +14,8 @@ Typical use::
 from offramp.placement.estimate import (
     COSTS,
     candidate_costs,
+    cost_profile,
+    format_cost_profile,
     train_candidate_heads,
     with_candidate_exits,
 )
@@ -48,9 +50,11 @@ __all__ = [
     "Placement",
     "Record",
     "candidate_costs",
+    "cost_profile",
     "evaluate_subsets",
     "exhaustive",
     "flops_spacing",
+    "format_cost_profile",
     "greedy",
     "members",
     "operating_points",

@@ -24,7 +24,14 @@ from offramp.models._shapes import block_output_shapes
 from offramp.network import MultiExitNetwork
 from offramp.placement.problem import Candidates
 
-__all__ = ["COSTS", "candidate_costs", "train_candidate_heads", "with_candidate_exits"]
+__all__ = [
+    "COSTS",
+    "candidate_costs",
+    "cost_profile",
+    "format_cost_profile",
+    "train_candidate_heads",
+    "with_candidate_exits",
+]
 
 COSTS = ("flops", "latency")
 
@@ -148,3 +155,70 @@ def candidate_costs(
 
     blocks, heads = block_latencies(net, x, repeats=repeats)
     return Candidates(tuple(net.exit_blocks), np.asarray(blocks), np.asarray(heads), "seconds")
+
+
+def cost_profile(
+    net: MultiExitNetwork, x: Tensor, *, repeats: int = 5
+) -> list[dict[str, float | int | None]]:
+    """Counted and measured cost of every block and head of ``net``, one row per block: FLOPs
+    and parameters, bytes of its output ``h_k``, and milliseconds — at batch 1 and per sample
+    at the batch ``x`` — for the block and, where an exit follows it, its head.
+
+    Example:
+        >>> from offramp.models import mlp
+        >>> rows = cost_profile(mlp(4, 3, hidden=(8, 8)), torch.randn(16, 4), repeats=2)
+        >>> sorted(rows[0])[:4]
+        ['batch', 'block', 'block_flops', 'block_ms_b1']
+    """
+    from offramp.timing import block_latencies
+
+    prof = profile(net, x[:1])
+    one = block_latencies(net, x[:1], repeats=repeats)
+    many = block_latencies(net, x, repeats=repeats)
+    exit_of = {b: i for i, b in enumerate(prof.exit_blocks)}
+    rows: list[dict[str, float | int | None]] = []
+    for k in range(len(prof.block_flops)):
+        i = exit_of.get(k)
+        rows.append(
+            {
+                "block": k,
+                "batch": int(x.shape[0]),
+                "block_flops": prof.block_flops[k],
+                "block_params": prof.block_params[k],
+                "h_bytes": prof.activation_bytes[k],
+                "block_ms_b1": 1e3 * one[0][k],
+                "block_ms_per_sample": 1e3 * many[0][k],
+                "head_flops": None if i is None else prof.head_flops[i],
+                "head_params": None if i is None else prof.head_params[i],
+                "head_ms_b1": None if i is None else 1e3 * one[1][i],
+                "head_ms_per_sample": None if i is None else 1e3 * many[1][i],
+            }
+        )
+    return rows
+
+
+def format_cost_profile(rows: list[dict[str, float | int | None]]) -> str:
+    """:func:`cost_profile` as a text table."""
+    from offramp.report import format_table
+
+    def num(v: object, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+
+    batch = rows[0]["batch"] if rows else 0
+    head = ["block", "FLOPs", "params", "h bytes", "ms b=1", f"ms/sample b={batch}",
+            "head FLOPs", "head ms b=1", f"head ms/sample b={batch}"]  # fmt: skip
+    body = [
+        [
+            r["block"],
+            num(r["block_flops"], ".0f"),
+            r["block_params"],
+            r["h_bytes"],
+            num(r["block_ms_b1"], ".3f"),
+            num(r["block_ms_per_sample"], ".4f"),
+            num(r["head_flops"], ".0f"),
+            num(r["head_ms_b1"], ".3f"),
+            num(r["head_ms_per_sample"], ".4f"),
+        ]
+        for r in rows
+    ]
+    return format_table(head, body)

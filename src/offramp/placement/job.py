@@ -32,6 +32,8 @@ from offramp.errors import ConfigError
 from offramp.placement.estimate import (
     COSTS,
     candidate_costs,
+    cost_profile,
+    format_cost_profile,
     train_candidate_heads,
     with_candidate_exits,
 )
@@ -138,9 +140,7 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     Returns:
         What ``placement.json`` holds.
     """
-    from offramp.costs import profile
     from offramp.evaluation import ExitRecord
-    from offramp.timing import block_latencies
     from offramp.training.job import load_datasets, load_model, run_training
 
     out = Path(cfg.output_dir)
@@ -173,14 +173,15 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
         torch.save({"key": key, "heads": early.state_dict()}, cand_path)
     cand.eval()
     x = splits.val[0][: cfg.batch_size]
-    prof = profile(cand, x[:1])
-    lat1 = block_latencies(cand, x[:1])
-    latb = block_latencies(cand, x)
+    rows = cost_profile(cand, x)
     cands = candidate_costs(cand, x, "flops")
-    if cfg.cost == "latency":
+    if cfg.cost == "latency":  # the per-sample seconds just measured at the user's batch
         from offramp.placement.problem import Candidates
 
-        cands = Candidates(cands.blocks, np.asarray(latb[0]), np.asarray(latb[1]), "seconds")
+        ms = ("block_ms_per_sample", "head_ms_per_sample")
+        blocks = np.array([r[ms[0]] for r in rows], dtype=np.float64) / 1e3
+        heads = np.array([r[ms[1]] for r in rows if r[ms[1]] is not None], dtype=np.float64)
+        cands = Candidates(cands.blocks, blocks, heads / 1e3, "seconds")
     val, test = ExitRecord.collect(cand, splits.val), ExitRecord.collect(cand, splits.test)
     placements = place(
         cands,
@@ -199,7 +200,7 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
         "config": dataclasses.asdict(cfg),
         "cost": cfg.cost,
         "final_accuracy": final,
-        "profile": _profile_rows(prof, lat1, latb, cfg.batch_size),
+        "profile": rows,
         "candidates": [
             {"block": b, "val_accuracy": float(a), "test_accuracy": float(t)}
             for b, a, t in zip(
@@ -212,28 +213,6 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     result["plot"] = str(_plot(placements, cands, val, cfg, out / "placement.png"))
     Path(result["json"]).write_text(json.dumps(result, indent=2, default=float))
     return result
-
-
-def _profile_rows(prof: Any, lat1: Any, latb: Any, batch: int) -> list[dict[str, Any]]:
-    heads = dict(zip(prof.exit_blocks, range(len(prof.exit_blocks)), strict=True))
-    rows = []
-    for k in range(len(prof.block_flops)):
-        i = heads.get(k)
-        rows.append(
-            {
-                "block": k,
-                "block_flops": prof.block_flops[k],
-                "block_params": prof.block_params[k],
-                "h_bytes": prof.activation_bytes[k],
-                "block_ms_b1": 1e3 * lat1[0][k],
-                f"block_ms_per_sample_b{batch}": 1e3 * latb[0][k],
-                "head_flops": prof.head_flops[i] if i is not None else None,
-                "head_params": prof.head_params[i] if i is not None else None,
-                "head_ms_b1": 1e3 * lat1[1][i] if i is not None else None,
-                f"head_ms_per_sample_b{batch}": 1e3 * latb[1][i] if i is not None else None,
-            }
-        )
-    return rows
 
 
 def _plot(placements: Any, cands: Any, val: Any, cfg: PlaceConfig, path: Path) -> Path:
@@ -267,32 +246,7 @@ def format_placement(r: dict[str, Any]) -> str:
     from offramp.placement.place import Placement
     from offramp.report import format_table
 
-    batch = r["config"]["batch_size"]
-    prof = format_table(
-        [
-            "block",
-            "FLOPs",
-            "params",
-            "h bytes",
-            "ms b=1",
-            f"ms/sample b={batch}",
-            "head FLOPs",
-            "head ms b=1",
-        ],
-        [
-            [
-                row["block"],
-                f"{row['block_flops']:.0f}",
-                row["block_params"],
-                row["h_bytes"],
-                f"{row['block_ms_b1']:.3f}",
-                f"{row[f'block_ms_per_sample_b{batch}']:.4f}",
-                "—" if row["head_flops"] is None else f"{row['head_flops']:.0f}",
-                "—" if row["head_ms_b1"] is None else f"{row['head_ms_b1']:.3f}",
-            ]
-            for row in r["profile"]
-        ],
-    )
+    prof = format_cost_profile(r["profile"])
     # γ_i: share of test samples leaving at each candidate when all of them are exits
     every = next((row for row in r["rows"] if row["rule"] == "all"), None)
     gamma = every["exit_fractions"] if every else [None] * len(r["candidates"])
