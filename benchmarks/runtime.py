@@ -1,7 +1,9 @@
 """Exit policies, calibration and the real early-exit runtime on MNIST and Fashion-MNIST.
 
-For each dataset: a residual CNN (``offramp.models.resnet``, widths 16/32/64, two basic blocks
-per stage, exits after blocks 2 and 4 with pooled linear heads) is trained jointly; every policy
+For each dataset: a residual CNN (``offramp.models.resnet``, widths ``--widths`` — 32/64/128 by
+default; 16/32/64 is a narrow variant whose full-resolution first stage is memory-bound — two
+basic blocks per stage, exits after blocks 2 and 4 with pooled linear heads) is trained jointly
+for ``--epochs`` epochs; every policy
 family (entropy, max-prob, margin — plain and temperature-scaled — learned confidence, one
 shared threshold, patience) is calibrated on 5,000 held-out training images for a target
 accuracy drop of ``--target-drop`` percentage points, required at ``--confidence`` one-sided
@@ -65,8 +67,8 @@ CONTRACT_KEYS = (
 DATASETS = ("mnist", "fashion-mnist")
 
 
-def build(seed: int) -> torch.nn.Module:
-    return resnet(28, 10, widths=(16, 32, 64), exits_after=(2, 4), head="pool", seed=seed)
+def build(seed: int, widths: tuple[int, ...]) -> torch.nn.Module:
+    return resnet(28, 10, widths=widths, exits_after=(2, 4), head="pool", seed=seed)
 
 
 def batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -109,8 +111,10 @@ def run_dataset(name: str, root: Path, args: argparse.Namespace) -> dict[str, An
     xt, yt = load_mnist(root, "test")
     n_train = min(x.shape[0] - args.val, args.train_limit or x.shape[0])
     train, val = (x[:n_train], y[:n_train]), (x[-args.val :], y[-args.val :])
-    net = build(args.seed)
-    hist = fit(net, train, cnn_fit_config(args, f"{name}-e{args.epochs}-n{n_train}.pt"))
+    widths = tuple(int(w) for w in args.widths.split(","))
+    net = build(args.seed, widths)
+    tag = "-w" + "x".join(map(str, widths))
+    hist = fit(net, train, cnn_fit_config(args, f"{name}{tag}-e{args.epochs}-n{n_train}.pt"))
     net.eval()
     rec_val = ExitRecord.collect(net, val)
     rec_test = ExitRecord.collect(net, (xt, yt))
@@ -270,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", default="results/runtime.json")
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument(
+        "--widths",
+        default="32,64,128",
+        help="channels of the three stages (16,32,64 = the narrow, memory-bound variant)",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-limit", type=int, default=None, help="use fewer training images")
     p.add_argument("--val", type=int, default=5000)
