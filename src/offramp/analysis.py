@@ -74,11 +74,17 @@ def overthinking(record: ExitRecord) -> dict[str, Any]:
     }
 
 
-def calibration_table(fit_on: ExitRecord, report_on: ExitRecord, bins: int = 15) -> dict[str, Any]:
-    """Per-exit temperatures fitted on ``fit_on`` and ECE on ``report_on`` before and after."""
+def calibration_table(
+    fit_on: ExitRecord,
+    report_on: ExitRecord,
+    bins: int = 15,
+    temperatures: list[float] | None = None,
+) -> dict[str, Any]:
+    """Per-exit temperatures fitted on ``fit_on`` (or given, already fitted there) and ECE on
+    ``report_on`` before and after."""
     if fit_on.num_exits != report_on.num_exits:
         raise ConfigError("the two records come from networks with different numbers of exits")
-    temps = fit_temperatures(fit_on)
+    temps = fit_temperatures(fit_on) if temperatures is None else list(temperatures)
     rows = []
     for i, t in enumerate(temps):
         z, y = report_on.logits[i], report_on.labels

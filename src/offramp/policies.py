@@ -218,8 +218,7 @@ class ThresholdTest(nn.Module):
 
     def compare(self, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """The decision from scores ``s`` ``(B,)``."""
-        leave = s < self.threshold if self.lower else s > self.threshold
-        return leave, state
+        return fires(s, self.threshold, self.lower), state
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         return self.compare(self.scorer(x), state)

@@ -86,7 +86,7 @@ def evaluate_run(
         "exit_accuracy": test.exit_accuracy().tolist(),
         "oracle": oracle_summary(test, cum),
         "overthinking": overthinking(test),
-        "calibration": calibration_table(val, test),
+        "calibration": calibration_table(val, test, temperatures=temps),
         "pareto": front.to_dict(),
     }
     out = Path(run_dir) / "analysis"

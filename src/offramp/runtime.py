@@ -327,8 +327,8 @@ class EarlyExitRuntime:
         idx = torch.arange(n)  # input position of each live row; rows past len(idx) are padding
         out: Tensor | None = None
         h, state = x, self.policy.initial_state(n, x.device)
-        if self._bucket(n) != n:
-            rows = _padded(idx, self._bucket(n))
+        if (size := self._bucket(n)) != n:
+            rows = _padded(idx, size)
             h, state = h[rows], state[rows]
         h = self._layout(h)
         for i, step in enumerate(self._steps):

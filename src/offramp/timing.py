@@ -48,23 +48,10 @@ def exit_latencies(net: object, x: object, *, repeats: int = 5, warmup: int = 2)
         >>> len(lat)
         2
     """
-    import torch
-
-    n = x.shape[0]  # type: ignore[attr-defined]
     net.eval()  # type: ignore[attr-defined]
-    paths = {i: net.truncate(i) for i in range(net.num_exits)}  # type: ignore[attr-defined]
-
-    def runner(m: object) -> Callable[[], object]:
-        def run() -> object:
-            with torch.no_grad():
-                return m(x)  # type: ignore[operator]
-
-        return run
-
-    t = compare_wallclock(
-        {str(i): runner(m) for i, m in paths.items()}, repeats=repeats, warmup=warmup
-    )
-    return [t[str(i)] / n for i in range(len(paths))]
+    calls = {str(i): _bound(net.truncate(i), x) for i in range(net.num_exits)}  # type: ignore[attr-defined]
+    per = _seconds_per_sample(calls, x.shape[0], repeats, warmup, None)  # type: ignore[attr-defined]
+    return [per[str(i)] for i in range(len(calls))]
 
 
 def block_latencies(
@@ -98,7 +85,24 @@ def block_latencies(
             if k in net.exit_blocks:  # type: ignore[attr-defined]
                 i = net.exit_blocks.index(k)  # type: ignore[attr-defined]
                 calls[f"h{i}"] = _bound(net.heads[i], h)  # type: ignore[attr-defined]
-    loops = {name: _loops(fn, min_seconds) for name, fn in calls.items()}
+    per = _seconds_per_sample(calls, n, repeats, warmup, min_seconds)
+    blocks = [per[f"b{k}"] for k in range(len(net.blocks))]  # type: ignore[attr-defined]
+    heads = [per[f"h{i}"] for i in range(len(net.heads))]  # type: ignore[attr-defined]
+    return blocks, heads
+
+
+def _seconds_per_sample(
+    calls: dict[str, Callable[[], object]],
+    n: int,
+    repeats: int,
+    warmup: int,
+    min_seconds: float | None,
+) -> dict[str, float]:
+    """Median seconds per sample of every call (batch of ``n``), timed side by side without
+    gradients; with ``min_seconds``, short calls are repeated within one measurement."""
+    import torch
+
+    loops = {k: 1 if min_seconds is None else _loops(fn, min_seconds) for k, fn in calls.items()}
 
     def runner(name: str) -> Callable[[], object]:
         fn, reps = calls[name], loops[name]
@@ -110,11 +114,8 @@ def block_latencies(
 
         return run
 
-    t = compare_wallclock({name: runner(name) for name in calls}, repeats=repeats, warmup=warmup)
-    per = {name: t[name] / loops[name] / n for name in calls}
-    blocks = [per[f"b{k}"] for k in range(len(net.blocks))]  # type: ignore[attr-defined]
-    heads = [per[f"h{i}"] for i in range(len(net.heads))]  # type: ignore[attr-defined]
-    return blocks, heads
+    t = compare_wallclock({k: runner(k) for k in calls}, repeats=repeats, warmup=warmup)
+    return {k: t[k] / loops[k] / n for k in calls}
 
 
 def _bound(module: object, h: object) -> Callable[[], object]:

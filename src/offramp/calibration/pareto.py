@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from offramp.analysis import oracle_summary
 from offramp.calibration.grid import record_scores
 from offramp.calibration.target import ThresholdCalibrator
 from offramp.errors import ConfigError
@@ -117,8 +118,16 @@ class ParetoFront:
         return path
 
 
-def _point(record: ExitRecord, rel: np.ndarray, label: str, policy: ExitPolicy) -> ParetoPoint:
-    exits = decide(policy, record.logits, record.feature_scores).numpy()
+def _point(
+    record: ExitRecord,
+    rel: np.ndarray,
+    label: str,
+    policy: ExitPolicy,
+    exits: np.ndarray | None = None,
+) -> ParetoPoint:
+    """``policy`` measured on ``record`` (``exits`` when already decided)."""
+    if exits is None:
+        exits = decide(policy, record.logits, record.feature_scores).numpy()
     return ParetoPoint(label, record.accuracy(exits), float(rel[exits].mean()), policy)
 
 
@@ -149,11 +158,12 @@ def pareto_front(
     sets += [(label, c, sc) for label, (c, sc) in (scorers or {}).items()]
     points: list[ParetoPoint] = []
     for label, crit_name, sc in sets:
-        scores = record_scores(record, crit_name, sc)[:-1]
-        qs = np.quantile(scores.double().numpy(), np.linspace(0, 1, num_sweep))
+        scores = record_scores(record, crit_name, sc)  # scored once for the whole sweep
+        qs = np.quantile(scores[:-1].double().numpy(), np.linspace(0, 1, num_sweep))
         for t in np.unique(qs):
             pol = ThresholdPolicy(crit_name, (float(t),) * (e - 1), tuple(sc) if sc else None)
-            points.append(_point(record, rel, f"{label} τ={t:.4g}", pol))
+            exits = pol.decide(scores).numpy()
+            points.append(_point(record, rel, f"{label} τ={t:.4g}", pol, exits))
         for d in deltas:
             cal = ThresholdCalibrator(crit_name, d, scorers=sc).fit(record, rel)
             points.append(_point(record, rel, f"{label} δ={100 * d:g}pp", cal.policy_))
@@ -162,6 +172,5 @@ def pareto_front(
     never = ThresholdPolicy.never(e)
     first = ThresholdPolicy("entropy", (float("inf"),) * (e - 1))
     points += [_point(record, rel, "final exit", never), _point(record, rel, "first exit", first)]
-    oracle_exits = record.oracle_exits()
-    oracle = (float(record.correct().any(dim=0).double().mean()), float(rel[oracle_exits].mean()))
-    return ParetoFront(points, non_dominated(points), oracle)
+    o = oracle_summary(record, rel)
+    return ParetoFront(points, non_dominated(points), (o["accuracy"], o["relative_cost"]))

@@ -78,8 +78,9 @@ def calibrate_policies(
         raise ConfigError("give exactly one goal: delta (target accuracy) or budget (cost)")
     rel = np.asarray(cumulative, dtype=np.float64)
     rel = rel / rel[-1]
-    final = float(val.correct()[-1].double().mean())
-    n, final_n = val.num_samples, int(val.correct()[-1].sum())
+    correct = val.correct()  # (E, N), once for every family
+    n, final_n = val.num_samples, int(correct[-1].sum())
+    final = final_n / n
     z = 0.0 if confidence is None else float(NormalDist().inv_cdf(confidence))
     out: list[CalibratedPolicy] = []
 
@@ -92,8 +93,8 @@ def calibrate_policies(
         secs = time.perf_counter() - t0
         exits = decide(policy, val.logits, val.feature_scores)
         acc, cost = val.accuracy(exits.numpy()), float(rel[exits.numpy()].mean())
-        right = val.correct().gather(0, exits[None])[0]
-        changed = int((right != val.correct()[-1]).sum())
+        right = correct.gather(0, exits[None])[0]
+        changed = int((right != correct[-1]).sum())
         bound = float(
             lower_bound(np.array([int(right.sum())]), np.array([changed]), final_n, n, z)[0]
         )

@@ -31,13 +31,13 @@ import torch
 from offramp.errors import ConfigError
 from offramp.placement.estimate import (
     COSTS,
-    candidate_costs,
     cost_profile,
     format_cost_profile,
     train_candidate_heads,
     with_candidate_exits,
 )
 from offramp.placement.place import RULES, place, placement_table
+from offramp.placement.problem import Candidates
 from offramp.placement.rules import SDN_FRACTIONS
 from offramp.training.config import TrainConfig, read_mapping, typed_fields
 
@@ -174,14 +174,18 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     cand.eval()
     x = splits.val[0][: cfg.batch_size]
     rows = cost_profile(cand, x)
-    cands = candidate_costs(cand, x, "flops")
-    if cfg.cost == "latency":  # the per-sample seconds just measured at the user's batch
-        from offramp.placement.problem import Candidates
-
-        ms = ("block_ms_per_sample", "head_ms_per_sample")
-        blocks = np.array([r[ms[0]] for r in rows], dtype=np.float64) / 1e3
-        heads = np.array([r[ms[1]] for r in rows if r[ms[1]] is not None], dtype=np.float64)
-        cands = Candidates(cands.blocks, blocks, heads / 1e3, "seconds")
+    # placement's costs come from the profile just printed: FLOPs, or seconds at the user batch
+    block_col, head_col, scale, unit = (
+        ("block_flops", "head_flops", 1.0, "flops")
+        if cfg.cost == "flops"
+        else ("block_ms_per_sample", "head_ms_per_sample", 1e-3, "seconds")
+    )
+    cands = Candidates(
+        tuple(cand.exit_blocks),
+        scale * np.array([r[block_col] for r in rows], dtype=np.float64),
+        scale * np.array([r[head_col] for r in rows if r[head_col] is not None], dtype=np.float64),
+        unit,
+    )
     val, test = ExitRecord.collect(cand, splits.val), ExitRecord.collect(cand, splits.test)
     placements = place(
         cands,

@@ -113,6 +113,10 @@ def place(
                 "candidates: record the network that carries a head at every candidate"
             )
     rec = Record.from_exit_record(val, criterion, num_thresholds=num_thresholds)
+    # the split each recommendation is reported on, scored once for every rule
+    ev = (
+        rec if test is None else Record.from_exit_record(test, criterion, thresholds=rec.thresholds)
+    )
     k = cands.num
     out = []
     for rule in rules:
@@ -151,7 +155,7 @@ def place(
                 )
                 continue
             point = exhaustive(cands, rec, delta)
-        out.append(_report(rule, cands, rec, point, test, criterion, details))
+        out.append(_report(rule, cands, ev, point, details))
     return out
 
 
@@ -162,16 +166,12 @@ def _point(cands: Candidates, rec: Record, subset: int, delta: float) -> Operati
 def _report(
     rule: str,
     cands: Candidates,
-    rec: Record,
+    ev: Record,
     point: OperatingPoint,
-    test: ExitRecord | None,
-    criterion: str,
     details: dict[str, object],
 ) -> Placement:
+    """``point`` (calibrated on validation) measured on the evaluation record ``ev``."""
     early = members(point.subset, cands.num)
-    ev = rec
-    if test is not None:
-        ev = Record.from_exit_record(test, criterion, thresholds=np.array([point.threshold]))
     exits = ev.exits(point.subset, point.threshold)
     cum = cands.cumulative(point.subset) / cands.full_cost
     correct = ev.correct.numpy()[exits, np.arange(len(exits))]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -181,9 +182,13 @@ class Record:
     def num_samples(self) -> int:
         return int(self.scores.shape[1])
 
+    @cached_property
+    def _early_scores(self) -> np.ndarray:
+        return self.scores[:-1].double().numpy()  # (K-1, N), converted once for every τ
+
     def fires(self, tau: float) -> np.ndarray:
         """``(K − 1, N)``: which early candidates are confident at ``tau``."""
-        s = self.scores[:-1].double().numpy()
+        s = self._early_scores
         return s < tau if self.lower_is_confident else s > tau
 
     def exits(self, subset: int, tau: float) -> np.ndarray:
