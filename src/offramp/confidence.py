@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
-from offramp.policies import TemperatureScorer, margin, max_softmax, normalized_entropy
+from offramp.policies import TemperatureScorer, max_softmax, normalized_entropy
 
 __all__ = [
     "LogisticConfidence",
@@ -84,12 +84,14 @@ def temperature_scorers(criterion: str, temperatures: list[float]) -> tuple[nn.M
 def confidence_features(logits: Tensor, top: int = 3) -> Tensor:
     """Features of an exit's logits for learned confidence, ``(B, C) -> (B, 3 + top)``:
     max-prob, margin, 1 − normalised entropy, and the ``top`` largest probabilities."""
-    p = torch.softmax(logits, dim=-1)
-    k = min(top, p.shape[-1])
-    tops = p.topk(k, dim=-1).values  # (B, k)
-    if k < top:
-        tops = F.pad(tops, (0, top - k))
-    feats = [max_softmax(logits), margin(logits), 1 - normalized_entropy(logits)]
+    p = torch.softmax(logits, dim=-1)  # once: max-prob, margin and the top-k all read it
+    c = p.shape[-1]
+    ranked = p.topk(min(max(top, 2), c), dim=-1).values  # (B, ≥ min(2, C)) largest first
+    gap = ranked[:, 0] - ranked[:, 1] if c >= 2 else torch.ones_like(ranked[:, 0])
+    tops = ranked[:, : min(top, c)]
+    if c < top:
+        tops = F.pad(tops, (0, top - c))
+    feats = [ranked[:, 0], gap, 1 - normalized_entropy(logits)]
     return torch.cat([torch.stack(feats, dim=-1), tops], dim=-1)
 
 
