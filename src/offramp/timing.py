@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["block_latencies", "compare_wallclock", "exit_latencies"]
+from offramp.errors import ConfigError
+
+__all__ = ["block_latencies", "compare_over_batches", "compare_wallclock", "exit_latencies"]
 
 
 def compare_wallclock(
@@ -34,6 +36,69 @@ def compare_wallclock(
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
     return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def compare_over_batches(
+    fns: Mapping[str, Callable[[object], object]],
+    batches: Sequence[object],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    group: int = 8,
+) -> dict[str, float]:
+    """Median seconds each callable takes over all ``batches``, interleaved group by group.
+
+    The batches are taken ``group`` at a time; each group is handed to every callable in turn
+    (their order rotated from group to group and from repeat to repeat), and each callable's
+    time is summed over the groups of one pass. A callable's turn starts with the group's first
+    batch run once untimed, so it is timed in its steady state (allocator, caches, code), as a
+    server running only it would be, and not in the state the previous callable left behind.
+    Candidates are never more than a group apart, so noise from a shared machine that drifts
+    over seconds (other processes, frequency changes) hits them alike: tighter ratios than
+    :func:`compare_wallclock` over whole passes. Gradients are the caller's business (wrap
+    the call in ``torch.no_grad()`` to time inference).
+
+    Args:
+        fns: name → callable taking one batch.
+        batches: the batches, each passed as the callable's only argument.
+        repeats: timed passes over all batches; the median pass is reported.
+        warmup: untimed passes first (compilation, caches, allocator).
+        group: consecutive batches per turn.
+
+    Returns:
+        name → median seconds of one pass over ``batches``.
+
+    Example:
+        >>> t = compare_over_batches({"sum": sum, "max": max}, [[1, 2], [3, 4]], repeats=3)
+        >>> sorted(t)
+        ['max', 'sum']
+    """
+    names = list(fns)
+    if not names or not batches or group < 1:
+        raise ConfigError(
+            "compare_over_batches needs at least one callable and one batch, and group ≥ 1; "
+            f"got {len(names)} callables, {len(batches)} batches, group={group}"
+        )
+    for _ in range(warmup):
+        for b in batches:
+            for name in names:
+                fns[name](b)
+    groups = [batches[i : i + group] for i in range(0, len(batches), group)]
+    passes: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        total = dict.fromkeys(names, 0.0)
+        for j, bs in enumerate(groups):
+            k = (r + j) % len(names)
+            for name in names[k:] + names[:k]:
+                fn = fns[name]
+                fn(bs[0])  # untimed: the turn starts in this callable's steady state
+                t0 = time.perf_counter()
+                for b in bs:
+                    fn(b)
+                total[name] += time.perf_counter() - t0
+        for name in names:
+            passes[name].append(total[name])
+    return {n: statistics.median(v) for n, v in passes.items()}
 
 
 def exit_latencies(net: object, x: object, *, repeats: int = 5, warmup: int = 2) -> list[float]:

@@ -1,0 +1,49 @@
+"""Wall-clock helpers: every candidate sees every batch, order rotates, sleeps are measured."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from offramp.errors import ConfigError, OfframpError
+from offramp.timing import compare_over_batches, compare_wallclock
+
+
+def test_over_batches_calls_every_callable_on_every_batch_in_rotated_order():
+    seen: list[tuple[str, int]] = []
+    fns = {name: (lambda b, name=name: seen.append((name, b))) for name in "abc"}
+    t = compare_over_batches(fns, [0, 1, 2, 3, 4], repeats=3, warmup=1, group=2)
+    assert sorted(t) == ["a", "b", "c"]
+    timed = seen[5 * 3 :]  # after the warm-up pass
+    # groups (0, 1), (2, 3), (4,): each turn is the group's first batch untimed, then the group
+    turns = [[0, 0, 1], [2, 2, 3], [4, 4]]
+    expect = []
+    for r in range(3):
+        for j, turn in enumerate(turns):
+            k = (r + j) % 3  # pass r, group j starts at name k
+            for name in "abc"[k:] + "abc"[:k]:
+                expect += [(name, b) for b in turn]
+    assert timed == expect
+
+
+def test_over_batches_measures_what_each_callable_costs():
+    t = compare_over_batches(
+        {"slow": lambda b: time.sleep(0.004), "fast": lambda b: None}, [0, 1, 2], repeats=3
+    )
+    assert t["slow"] >= 3 * 0.004
+    assert t["fast"] < t["slow"] / 4
+
+
+@pytest.mark.parametrize(
+    "fns, batches, group", [({}, [1], 1), ({"a": print}, [], 1), ({"a": print}, [1], 0)]
+)
+def test_over_batches_refuses_nothing_to_time(fns, batches, group):
+    with pytest.raises(ConfigError, match="at least one callable and one batch") as err:
+        compare_over_batches(fns, batches, group=group)
+    assert isinstance(err.value, OfframpError)
+
+
+def test_wallclock_rotates_and_measures():
+    t = compare_wallclock({"slow": lambda: time.sleep(0.004), "fast": lambda: None}, repeats=3)
+    assert t["slow"] >= 0.004 > t["fast"]
