@@ -3,6 +3,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from offramp import EarlyExitRuntime, ExitRecord, ThresholdPolicy, profile, simulate
 from offramp.errors import ConfigError
@@ -115,3 +116,33 @@ def test_compiled_padding_keeps_inputs_order_and_global_config():
     assert not plain.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(plain, net(x)[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_variants_are_one_per_signature_and_respect_strides():
+    from offramp.runtime import _Compiled
+
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
+    c = _Compiled(conv)
+    x = torch.rand(2, 3, 6, 6)
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # same shape, other strides
+    with torch.no_grad():
+        want = conv(x)
+        for inp in (x, x_cl, x, x_cl, x[:1]):  # same shape, other strides: another variant
+            torch.testing.assert_close(c(inp), conv(inp), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-6)
+    assert len(c._variants) == 3
+
+
+def test_compiled_runtime_compiles_each_bucket_once():
+    net = MODELS["resnet"](8, 10).eval()
+    x = torch.rand(40, 1, 8, 8)
+    rec = ExitRecord.collect(net, (x, torch.zeros(40, dtype=torch.long)))
+    pol = _policy(rec, "max_prob", 0.5)
+    rt = EarlyExitRuntime(net, pol, mode="compile", example_input=x[:3], buckets_per_octave=2)
+    for _ in range(2):
+        for n in (1, 3, 40, 17):
+            rt(x[:n])
+    first = rt._steps[0]._variants
+    # stage 0 sees the raw batch sizes' buckets (1, 3, 48, 24); no duplicates on the rerun
+    assert sorted(k[1][0][0] for k in first) == [1, 3, 24, 48]
+    np.testing.assert_array_equal(rt(x).exits.numpy(), simulate(rec, pol).exits)

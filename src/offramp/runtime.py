@@ -19,6 +19,8 @@ execution mode.
 from __future__ import annotations
 
 import copy
+import itertools
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,9 +89,10 @@ class _Step(nn.Module):
 
 
 def _allow_recompiles(limit: int = 1024) -> None:
-    """Stages share one ``forward`` code object and each compiles one variant per batch-size
-    bucket: raise Dynamo's recompile limits (default 8 per function) so it never falls back
-    to eager mid-run. A process-wide setting, only ever raised."""
+    """Each stage variant has its own code object, but a graph break inside a stage (a head
+    leaving torch) resumes in code shared by every variant: raise Dynamo's recompile limits
+    (default 8 per function) so it never falls back to eager mid-run. A process-wide setting,
+    only ever raised."""
     import torch._dynamo.config as dc
 
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
@@ -98,25 +101,52 @@ def _allow_recompiles(limit: int = 1024) -> None:
 
 
 class _Compiled:
-    """``module`` compiled by Inductor once per input shape, with freezing on while it compiles
-    (conv-bn folded, weights prepacked: the runtime's snapshot never changes). Inductor reads
-    ``freezing`` from its global config — ``torch.compile(options=...)`` does not reach it — so
-    it is switched on only around first calls, leaving the user's other compilations alone."""
+    """``module`` compiled by Inductor once per input signature (shapes, strides, dtypes, grad
+    mode), each signature as its own compiled function with its own code object.
+
+    Dynamo keeps compiled variants per code object and walks them, checking guards, on every
+    call; with the variant picked here by its exact signature, each call checks one variant's
+    guards, however many batch-size buckets the stages have seen, and no recompile limit is
+    ever reached.
+
+    Freezing (conv-bn folded, weights prepacked) is on while a variant compiles. Inductor
+    reads it from its global config (``torch.compile(options=...)`` does not reach it), so it
+    is switched on only around first calls, leaving the user's other compilations alone.
+    """
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = torch.compile(module, dynamic=False)
-        self._compiled: set[tuple[torch.Size, bool]] = set()
+        self.module = module
+        self._variants: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
     def __call__(self, *args: Tensor) -> Any:
-        key = (args[0].shape, torch.is_grad_enabled())  # freezing applies without grad only
-        if key in self._compiled:
-            return self.module(*args)
+        key = (
+            torch.is_grad_enabled(),  # freezing applies without grad only
+            *((a.shape, a.stride(), a.dtype, a.device) for a in args),
+        )
+        fn = self._variants.get(key)
+        if fn is not None:
+            return fn(*args)
         import torch._inductor.config as inductor_config
 
+        fn = torch.compile(_own_code(self.module), dynamic=False)
         with inductor_config.patch(freezing=True):
-            out = self.module(*args)
-        self._compiled.add(key)
+            out = fn(*args)
+        self._variants[key] = fn
         return out
+
+
+_variant_count = itertools.count()
+
+
+def _own_code(module: nn.Module) -> Callable[..., Any]:
+    """A function calling ``module``, with a code object of its own (Dynamo caches per code
+    object: a shared one would pile every stage's and bucket's variants into one cache)."""
+
+    def call(*args: Tensor) -> Any:
+        return module(*args)
+
+    code = call.__code__.replace(co_name=f"offramp_variant_{next(_variant_count)}")
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 def _padded(index: Tensor, size: int) -> Tensor:
@@ -259,6 +289,8 @@ class EarlyExitRuntime:
         self._work = net
         stages = net.stages()
         tests = policy.exit_tests()
+        if mode == "compile":  # the tests' scorers join the snapshot
+            tests = [copy.deepcopy(t).eval().requires_grad_(False) for t in tests]
         steps: list[Callable[..., Any]] = [
             _Step(s.body, s.head, t) for s, t in zip(stages[:-1], tests, strict=True)
         ]
