@@ -4,10 +4,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from offramp.analysis import oracle_saving_captured, overthinking
+from offramp.calibration import calibrate_policies
 from offramp.cli import main
 from offramp.evaluation import ExitRecord
+from offramp.policies import decide
+from offramp.runs import load_run
+from offramp.runtime import EarlyExitRuntime
+from offramp.training.job import load_config, load_datasets, load_gates, load_model
 
 yaml = pytest.importorskip("yaml")
 
@@ -75,11 +81,66 @@ def test_overthinking_and_oracle_capture_by_hand():
     logits[0, :, 1] = [0, 1, 1]
     logits[1, :, 0] = [0, 1, 0]
     logits[1, :, 1] = [1, 0, 1]
-    import torch
-
     rec = ExitRecord(torch.from_numpy(logits), torch.from_numpy(labels))
     o = overthinking(rec)
     assert o["pairs"][0][1] == pytest.approx(1 / 3)  # sample 0: right at 0, wrong at 1
     assert o["earliest_right_accuracy"] == 1.0 and o["final_accuracy"] == pytest.approx(2 / 3)
     assert oracle_saving_captured(1.0, 0.5) == 0.0
     assert oracle_saving_captured(0.5, 0.5) == 1.0
+
+
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gated")
+    cfg = out / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": "digits",
+                "strategy": "cost",
+                "options": {"beta": 0.2},
+                "epochs": 3,
+                "lr": 3e-3,
+                "val_fraction": 0.3,
+                "output_dir": str(out / "run"),
+            }
+        )
+    )
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    return out / "run"
+
+
+def test_gated_run_saves_its_gates_and_calibrate_uses_them(gated_run, run_dir, capsys):
+    assert load_gates(run_dir / "model.pt") is None  # joint training has no gates
+    gates = load_gates(gated_run / "model.pt")
+    net = load_model(gated_run / "model.pt")
+    assert gates is not None and len(gates) == net.num_exits - 1
+    run = load_run(gated_run)
+    assert run.gates is not None and run.info["gates"] is True
+    assert run.val.feature_scores is not None and run.test.feature_scores is not None
+    # the saved gates are the trained ones: they are not all at their initial g = ½
+    assert not torch.allclose(
+        run.test.feature_scores, torch.full_like(run.test.feature_scores, 0.5)
+    )
+
+    assert main(["calibrate", str(gated_run), "--target-drop", "1"]) == 0
+    assert "gates" in capsys.readouterr().out
+    r = json.loads((gated_run / "analysis" / "calibrate.json").read_text())
+    row = next(p for p in r["policies"] if p["policy"] == "gates")
+    final_val = float(run.val.correct()[-1].double().mean())
+    assert row["val_accuracy"] >= final_val - 0.01 - 1e-9  # its goal, on its own split
+    # the calibrated gate policy decides the same in the runtime as in the simulation
+    pol = next(
+        c.policy
+        for c in calibrate_policies(run.val, run.cumulative, delta=0.01, feature_scorers=run.gates)
+        if c.name == "gates"
+    )
+    x = load_datasets(load_config(gated_run / "config.json")).test[0]
+    rt = EarlyExitRuntime(net, pol)
+    np.testing.assert_array_equal(
+        rt(x).exits.numpy(), decide(pol, run.test.logits, run.test.feature_scores).numpy()
+    )
+
+    assert main(["evaluate", str(gated_run)]) == 0
+    ev = json.loads((gated_run / "analysis" / "evaluate.json").read_text())
+    assert ev["gates"] is True

@@ -10,6 +10,9 @@ results under ``RUN_DIR/analysis/``:
 - ``calibrate``: every policy family calibrated on validation for a target accuracy drop or a
   cost budget, measured on test (JSON + plot), with the oracle's saving captured by each.
 
+Runs trained with strategy ``gated`` or ``cost`` saved their gates in ``model.pt``: both records
+then carry the gates' scores, and the gates are one more policy family (``gates``).
+
 Costs are FLOPs (``torch.utils.flop_counter``) or measured latency per exit (``--cost latency``).
 """
 
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from torch import nn
 
 from offramp.analysis import calibration_table, oracle_summary, overthinking
 from offramp.calibration import calibrate_policies, pareto_front, report
@@ -30,14 +34,38 @@ from offramp.evaluation import ExitRecord
 from offramp.report import format_table
 from offramp.timing import exit_latencies
 
-__all__ = ["calibrate_run", "evaluate_run", "format_calibration", "format_evaluation", "load_run"]
+__all__ = [
+    "LoadedRun",
+    "calibrate_run",
+    "evaluate_run",
+    "format_calibration",
+    "format_evaluation",
+    "load_run",
+]
 
 
-def load_run(
-    run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "flops"
-) -> tuple[ExitRecord, ExitRecord, np.ndarray, dict[str, Any]]:
-    """``(validation record, test record, cumulative cost C_i, info)`` of a trained run."""
-    from offramp.training.job import load_config, load_datasets, load_model
+class LoadedRun(NamedTuple):
+    """A trained run, ready to analyse.
+
+    Attributes:
+        val: the exit record of the validation split (for fitting).
+        test: the exit record of the test split (for reporting).
+        cumulative: cost ``C_i`` of reaching every exit (FLOPs or seconds per sample).
+        info: what was loaded, for the JSON output.
+        gates: the gates of a ``gated`` / ``cost`` run as exit scorers (both records then
+            carry their ``feature_scores``), else ``None``.
+    """
+
+    val: ExitRecord
+    test: ExitRecord
+    cumulative: np.ndarray
+    info: dict[str, Any]
+    gates: tuple[nn.Module, ...] | None
+
+
+def load_run(run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "flops") -> LoadedRun:
+    """The records, costs and (for gated runs) gates of a run written by ``offramp train``."""
+    from offramp.training.job import load_config, load_datasets, load_gates, load_model
 
     run = Path(run_dir)
     for f in ("model.pt", "config.json"):
@@ -51,16 +79,22 @@ def load_run(
             f"{run} was trained with val_fraction 0: there is no held-out split to fit on; "
             "retrain with val_fraction > 0"
         )
-    val = ExitRecord.collect(net, data.val)
-    test = ExitRecord.collect(net, data.test)
+    gates = load_gates(run / "model.pt", allow_pickle=allow_pickle)
+    val = ExitRecord.collect(net, data.val, feature_scorers=gates)
+    test = ExitRecord.collect(net, data.test, feature_scorers=gates)
     if cost == "flops":
         cum = profile(net, data.test[0][:1]).cumulative
     elif cost == "latency":
         cum = np.asarray(exit_latencies(net, data.test[0][:256]))
     else:
         raise ConfigError(f"unknown cost {cost!r}; choose 'flops' or 'latency'")
-    info = {"run_dir": str(run), "cost": cost, "cumulative": np.asarray(cum).tolist()}
-    return val, test, np.asarray(cum, dtype=np.float64), info
+    info = {
+        "run_dir": str(run),
+        "cost": cost,
+        "cumulative": np.asarray(cum).tolist(),
+        "gates": gates is not None,
+    }
+    return LoadedRun(val, test, np.asarray(cum, dtype=np.float64), info, gates)
 
 
 def _write(out: Path, name: str, result: dict[str, Any]) -> Path:
@@ -74,12 +108,14 @@ def evaluate_run(
     run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "flops", plot: bool = True
 ) -> dict[str, Any]:
     """Everything :mod:`offramp.analysis` says about the run, written to ``analysis/``."""
-    val, test, cum, info = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
+    val, test, cum, info, gates = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
     temps = fit_temperatures(val)
     scorers = {
         "entropy+T": ("entropy", temperature_scorers("entropy", temps)),
         "learned": ("learned", fit_learned_confidence(val)),
     }
+    if gates is not None:
+        scorers["gates"] = ("learned", gates)
     front = pareto_front(test, cum, scorers=scorers)
     result = {
         **info,
@@ -111,8 +147,10 @@ def calibrate_run(
     if (target_drop_pp is None) == (budget is None):
         raise ConfigError("give exactly one of --target-drop (percentage points) or --budget")
     delta = None if target_drop_pp is None else target_drop_pp / 100
-    val, test, cum, info = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
-    policies = calibrate_policies(val, cum, delta=delta, budget=budget, confidence=confidence)
+    val, test, cum, info, gates = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
+    policies = calibrate_policies(
+        val, cum, delta=delta, budget=budget, confidence=confidence, feature_scorers=gates
+    )
     result = {**info, **report(policies, test, cum, delta=delta, budget=budget)}
     out = Path(run_dir) / "analysis"
     result["json"] = str(_write(out, "calibrate.json", result))

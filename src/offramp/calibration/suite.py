@@ -13,11 +13,13 @@ whether the goal still holds there.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from offramp.analysis import oracle_saving_captured, oracle_summary
 from offramp.calibration.budget import BudgetCalibrator
@@ -67,8 +69,12 @@ def calibrate_policies(
     delta: float | None = None,
     budget: float | None = None,
     confidence: float | None = None,
+    feature_scorers: Sequence[nn.Module] | None = None,
 ) -> list[CalibratedPolicy]:
     """Fit every family on ``val`` for one goal: ``delta`` (target accuracy) or ``budget``.
+
+    With ``feature_scorers`` (the gates of a gated run, one per early exit; ``val`` collected
+    with them) the family ``gates`` thresholds their scores too.
 
     With ``confidence`` (target accuracy only) the per-exit threshold families require the
     goal at that one-sided confidence (:class:`ThresholdCalibrator`), and every family's
@@ -107,6 +113,8 @@ def calibrate_policies(
     families: list[tuple[str, str, Any]] = [(c, c, None) for c in CRITERIA]
     families += [(f"{c}+T", c, temperature_scorers(c, temps)) for c in CRITERIA]
     families.append(("learned", "learned", learned))
+    if feature_scorers is not None:
+        families.append(("gates", "learned", tuple(feature_scorers)))
     for name, crit, sc in families:
         if delta is not None:
             add(

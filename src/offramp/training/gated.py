@@ -23,6 +23,7 @@ afterwards, and the cost term when the budget matters during training already.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from offramp.training.joint import (
     joint_loss,
 )
 
-__all__ = ["GatedTraining", "gated_output", "make_gate", "soft_cost"]
+__all__ = ["GatedTraining", "gate_scorers_from_state", "gated_output", "make_gate", "soft_cost"]
 
 
 def gated_output(probs: Sequence[Tensor], gates: Sequence[Tensor]) -> Tensor:
@@ -107,6 +108,27 @@ def make_gate(in_shape: Sequence[int]) -> nn.Module:
     return nn.Sequential(pool, lin, nn.Flatten(0), nn.Sigmoid())
 
 
+def gate_scorers_from_state(state: dict[str, Any]) -> tuple[GateScorer, ...]:
+    """Gate scorers rebuilt from :meth:`GatedTraining.gates_state` (in eval mode).
+
+    Example:
+        >>> import torch
+        >>> from offramp.models import mlp
+        >>> s = GatedTraining.for_network(mlp(4, 3, hidden=(8, 8)), torch.randn(2, 4))
+        >>> len(gate_scorers_from_state(s.gates_state()))
+        1
+    """
+    try:
+        gates = nn.ModuleList([make_gate(tuple(sh)) for sh in state["feature_shapes"]])
+        gates.load_state_dict(state["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ConfigError(
+            f"not the saved gates of a gated run ({type(exc).__name__}: {exc}); save them with "
+            "GatedTraining.gates_state()"
+        ) from exc
+    return tuple(GateScorer(g).eval() for g in gates)
+
+
 class GatedTraining(ScheduledLambdas, nn.Module):
     """Strategy for eq. 9 (``beta = 0``) and eq. 13–14 (``beta > 0``).
 
@@ -147,7 +169,8 @@ class GatedTraining(ScheduledLambdas, nn.Module):
                 "cost-regularised training (beta > 0) needs the exits' cumulative costs: pass "
                 "cumulative=offramp.profile(net, x).cumulative"
             )
-        self.gates = nn.ModuleList([make_gate(s) for s in feature_shapes])
+        self.feature_shapes = [tuple(int(d) for d in s) for s in feature_shapes]
+        self.gates = nn.ModuleList([make_gate(s) for s in self.feature_shapes])
         self.beta = float(beta)
         c = torch.as_tensor(cumulative if cumulative is not None else [], dtype=torch.float32)
         if cumulative is not None and c.numel() != len(feature_shapes) + 1:
@@ -196,6 +219,14 @@ class GatedTraining(ScheduledLambdas, nn.Module):
             ['GateScorer']
         """
         return tuple(GateScorer(g).eval() for g in self.gates)
+
+    def gates_state(self) -> dict[str, object]:
+        """The gates as plain data (``feature_shapes`` + ``state_dict``), saved with the model
+        by ``offramp train``; :func:`gate_scorers_from_state` rebuilds them."""
+        return {
+            "feature_shapes": [list(s) for s in self.feature_shapes],
+            "state_dict": self.gates.state_dict(),
+        }
 
     def step(self, net: MultiExitNetwork, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """Gated loss (+ joint loss, + soft cost) on one batch."""

@@ -13,7 +13,8 @@ with any strategy of :data:`offramp.training.registry.STRATEGIES` and writes int
                     accuracy, then the strategy's extra statistics (empty cell = no value)
 ``history.json``    the same rows as a JSON list (``null`` = no value)
 ``model.pt``        the trained weights and the config that rebuilds the network
-                    (:func:`load_model`)
+                    (:func:`load_model`); for strategies ``gated`` and ``cost`` also their
+                    gates, a confidence policy of their own (:func:`load_gates`)
 ``metrics.json``    per-exit test accuracy, final accuracy, training time, number of exits
 ==================  ============================================================================
 
@@ -55,12 +56,16 @@ __all__ = [
     "launch",
     "load_config",
     "load_datasets",
+    "load_gates",
     "load_model",
     "run_training",
 ]
 
 #: Share of scikit-learn digits held out (stratified) as the test split, as in ``offramp demo``.
 DIGITS_TEST_FRACTION = 0.2
+
+#: Strategies whose gates (recursive gating, eq. 9) are saved in ``model.pt`` as ``gates``.
+GATED = ("gated", "cost")
 
 # Keys that may differ between a run and the run it resumes.
 _RESUME_FREE = ("output_dir", "resume", "show_progress", "data_dir")
@@ -202,17 +207,9 @@ def _resolved(cfg: TrainConfig, net: MultiExitNetwork) -> TrainConfig:
     return dataclasses.replace(cfg, **updates)
 
 
-def load_model(path: str | Path, *, allow_pickle: bool = False) -> MultiExitNetwork:
-    """Rebuild the network saved as ``model.pt`` by :func:`run_training` (in eval mode).
-
-    Args:
-        path: the ``model.pt`` file.
-        allow_pickle: needed for models with scikit-learn heads (strategy ``heads`` with
-            ``sklearn``), whose estimators are pickled; only for files you trust.
-    """
-    path = Path(path)
+def _read_model(path: Path, allow_pickle: bool) -> dict[str, Any]:
     try:
-        state = torch.load(path, weights_only=not allow_pickle)
+        return torch.load(path, weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
         raise DataError(
             f"{path} holds pickled objects (scikit-learn heads?); if you trust the file, load "
@@ -222,6 +219,28 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> MultiExitNetw
         raise DataError(
             f"{path} is not a model written by `offramp train` ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def load_gates(path: str | Path, *, allow_pickle: bool = False) -> tuple[Any, ...] | None:
+    """The gates of recursive gating saved in ``model.pt`` by a run trained with strategy
+    ``gated`` or ``cost``, as :class:`~offramp.policies.GateScorer` s for policies,
+    calibration and the runtime (see :meth:`GatedTraining.gate_scorers`); ``None`` for other
+    runs."""
+    from offramp.training.gated import gate_scorers_from_state
+
+    state = _read_model(Path(path), allow_pickle)
+    return gate_scorers_from_state(state["gates"]) if "gates" in state else None
+
+
+def load_model(path: str | Path, *, allow_pickle: bool = False) -> MultiExitNetwork:
+    """Rebuild the network saved as ``model.pt`` by :func:`run_training` (in eval mode).
+
+    Args:
+        path: the ``model.pt`` file.
+        allow_pickle: needed for models with scikit-learn heads (strategy ``heads`` with
+            ``sklearn``), whose estimators are pickled; only for files you trust.
+    """
+    state = _read_model(Path(path), allow_pickle)
     cfg = TrainConfig.from_dict(state["config"])
     num_classes = int(state["num_classes"])
     net = build_network(cfg, int(state["in_size"]), num_classes)
@@ -364,7 +383,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     from offramp.evaluation import ExitRecord
     from offramp.training.distributed import barrier, init_process_group, world_info
-    from offramp.training.registry import train
+    from offramp.training.loop import fit
+    from offramp.training.registry import make_strategy, train
 
     joined = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
@@ -394,15 +414,28 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 rows.append(_row(log, net.num_exits))
                 _write_history(out, rows)
 
-        history = train(
-            net,
-            data.train,
-            cfg.fit_config(),
-            cfg.strategy,
-            val=data.val if len(data.val[1]) else None,
-            options=cfg.options,
-            callbacks=[record],
-        )
+        val = data.val if len(data.val[1]) else None
+        gated = None
+        if cfg.strategy in GATED:  # kept: its gates are saved with the model
+            gated = make_strategy(cfg.strategy, net, data.train[0][:2], **cfg.options)
+            history = fit(
+                net,
+                data.train,
+                cfg.fit_config(),
+                strategy=gated,
+                val=val,  # type: ignore[arg-type]
+                callbacks=[record],
+            )
+        else:
+            history = train(
+                net,
+                data.train,
+                cfg.fit_config(),
+                cfg.strategy,
+                val=val,
+                options=cfg.options,
+                callbacks=[record],
+            )
         rec = ExitRecord.collect(net, data.test)
         acc = [float(a) for a in rec.exit_accuracy().tolist()]
         metrics: dict[str, Any] = {
@@ -426,6 +459,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 "state_dict": net.state_dict(),
                 "sklearn_heads": [i for i, h in enumerate(net.heads) if isinstance(h, SklearnHead)],
             }
+            if gated is not None:
+                model["gates"] = gated.gates_state()  # type: ignore[attr-defined]
             torch.save(model, out / "model.pt.tmp")
             os.replace(out / "model.pt.tmp", out / "model.pt")
             _write_json(out / "metrics.json", metrics)
