@@ -7,7 +7,12 @@ import time
 import pytest
 
 from offramp.errors import ConfigError, OfframpError
-from offramp.timing import compare_over_batches, compare_wallclock
+from offramp.timing import (
+    compare_over_batches,
+    compare_wallclock,
+    paired_ratio,
+    time_over_batches,
+)
 
 
 def test_over_batches_calls_every_callable_on_every_batch_in_rotated_order():
@@ -39,7 +44,7 @@ def test_over_batches_measures_what_each_callable_costs():
     "fns, batches, group", [({}, [1], 1), ({"a": print}, [], 1), ({"a": print}, [1], 0)]
 )
 def test_over_batches_refuses_nothing_to_time(fns, batches, group):
-    with pytest.raises(ConfigError, match="at least one callable and one batch") as err:
+    with pytest.raises(ConfigError, match="needs at least one callable and one batch") as err:
         compare_over_batches(fns, batches, group=group)
     assert isinstance(err.value, OfframpError)
 
@@ -47,3 +52,14 @@ def test_over_batches_refuses_nothing_to_time(fns, batches, group):
 def test_wallclock_rotates_and_measures():
     t = compare_wallclock({"slow": lambda: time.sleep(0.004), "fast": lambda: None}, repeats=3)
     assert t["slow"] >= 0.004 > t["fast"]
+
+
+def test_time_over_batches_gives_every_pass_and_paired_ratio_pairs_them():
+    t = time_over_batches(
+        {"slow": lambda b: time.sleep(0.002), "fast": lambda b: None}, [0, 1], repeats=4, group=1
+    )
+    assert len(t["slow"]) == len(t["fast"]) == 4
+    assert paired_ratio(t["slow"], t["fast"]) > 4
+    assert paired_ratio([3.0, 1.0, 8.0], [1.0, 1.0, 2.0]) == 3.0  # ratios 3, 1, 4 -> 3
+    with pytest.raises(ConfigError, match="same number"):
+        paired_ratio([1.0], [1.0, 2.0])

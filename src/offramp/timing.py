@@ -8,7 +8,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from offramp.errors import ConfigError
 
-__all__ = ["block_latencies", "compare_over_batches", "compare_wallclock", "exit_latencies"]
+__all__ = [
+    "block_latencies",
+    "compare_over_batches",
+    "compare_wallclock",
+    "exit_latencies",
+    "paired_ratio",
+    "time_over_batches",
+]
 
 
 def compare_wallclock(
@@ -38,15 +45,17 @@ def compare_wallclock(
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
-def compare_over_batches(
+def time_over_batches(
     fns: Mapping[str, Callable[[object], object]],
     batches: Sequence[object],
     *,
     repeats: int = 5,
     warmup: int = 1,
     group: int = 8,
-) -> dict[str, float]:
-    """Median seconds each callable takes over all ``batches``, interleaved group by group.
+) -> dict[str, list[float]]:
+    """Seconds each callable takes for each pass over all ``batches``, interleaved group by
+    group (pass ``r`` of every callable ran in the same stretch of time, so ratios are best
+    taken pass by pass: :func:`paired_ratio`).
 
     The batches are taken ``group`` at a time; each group is handed to every callable in turn
     (their order rotated from group to group and from repeat to repeat), and each callable's
@@ -66,17 +75,17 @@ def compare_over_batches(
         group: consecutive batches per turn.
 
     Returns:
-        name → median seconds of one pass over ``batches``.
+        name → seconds of each timed pass over ``batches`` (``repeats`` values).
 
     Example:
-        >>> t = compare_over_batches({"sum": sum, "max": max}, [[1, 2], [3, 4]], repeats=3)
-        >>> sorted(t)
-        ['max', 'sum']
+        >>> t = time_over_batches({"sum": sum, "max": max}, [[1, 2], [3, 4]], repeats=3)
+        >>> sorted(t), len(t["sum"])
+        (['max', 'sum'], 3)
     """
     names = list(fns)
     if not names or not batches or group < 1:
         raise ConfigError(
-            "compare_over_batches needs at least one callable and one batch, and group ≥ 1; "
+            "timing over batches needs at least one callable and one batch, and group ≥ 1; "
             f"got {len(names)} callables, {len(batches)} batches, group={group}"
         )
     for _ in range(warmup):
@@ -98,7 +107,43 @@ def compare_over_batches(
                 total[name] += time.perf_counter() - t0
         for name in names:
             passes[name].append(total[name])
+    return passes
+
+
+def compare_over_batches(
+    fns: Mapping[str, Callable[[object], object]],
+    batches: Sequence[object],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    group: int = 8,
+) -> dict[str, float]:
+    """Median seconds of one pass over all ``batches`` for each callable, timed by
+    :func:`time_over_batches` (interleaved group by group, each turn in its steady state).
+
+    Example:
+        >>> t = compare_over_batches({"sum": sum, "max": max}, [[1, 2], [3, 4]], repeats=3)
+        >>> sorted(t)
+        ['max', 'sum']
+    """
+    passes = time_over_batches(fns, batches, repeats=repeats, warmup=warmup, group=group)
     return {n: statistics.median(v) for n, v in passes.items()}
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over passes of ``numerator[r] / denominator[r]``: a ratio of two callables timed
+    in the same passes (:func:`time_over_batches`), each pass compared with itself.
+
+    Example:
+        >>> paired_ratio([2.0, 3.0, 10.0], [1.0, 2.0, 4.0])
+        2.0
+    """
+    if len(numerator) != len(denominator) or not numerator:
+        raise ConfigError(
+            f"paired_ratio needs the same number (≥ 1) of passes on both sides, got "
+            f"{len(numerator)} and {len(denominator)}"
+        )
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def exit_latencies(net: object, x: object, *, repeats: int = 5, warmup: int = 2) -> list[float]:
