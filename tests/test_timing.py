@@ -15,21 +15,30 @@ from offramp.timing import (
 )
 
 
-def test_over_batches_calls_every_callable_on_every_batch_in_rotated_order():
-    seen: list[tuple[str, int]] = []
-    fns = {name: (lambda b, name=name: seen.append((name, b))) for name in "abc"}
-    t = compare_over_batches(fns, [0, 1, 2, 3, 4], repeats=3, warmup=1, group=2)
-    assert sorted(t) == ["a", "b", "c"]
-    timed = seen[5 * 3 :]  # after the warm-up pass
-    # groups (0, 1), (2, 3), (4,): each turn is the group's first batch untimed, then the group
-    turns = [[0, 0, 1], [2, 2, 3], [4, 4]]
-    expect = []
-    for r in range(3):
-        for j, turn in enumerate(turns):
-            k = (r + j) % 3  # pass r, group j starts at name k
-            for name in "abc"[k:] + "abc"[:k]:
-                expect += [(name, b) for b in turn]
-    assert timed == expect
+def test_over_batches_calls_every_callable_on_every_batch_in_shuffled_turns():
+    def run(seed):
+        seen: list[tuple[str, int]] = []
+        fns = {name: (lambda b, name=name: seen.append((name, b))) for name in "abc"}
+        t = compare_over_batches(fns, [0, 1, 2, 3, 4], repeats=4, warmup=1, group=2, seed=seed)
+        assert sorted(t) == ["a", "b", "c"]
+        return seen[5 * 3 :]  # after the warm-up pass
+
+    timed = run(0)
+    # groups (0, 1), (2, 3), (4,): a turn is the group's first batch untimed, then the group
+    turns = [[0, 0, 1], [2, 2, 3], [4, 4]] * 4
+    orders, pos = [], 0
+    for turn in turns:
+        order = []
+        for _ in range(3):  # every callable once per group, each running the whole turn
+            name = timed[pos][0]
+            assert timed[pos : pos + len(turn)] == [(name, b) for b in turn]
+            order.append(name)
+            pos += len(turn)
+        assert sorted(order) == ["a", "b", "c"]
+        orders.append("".join(order))
+    assert pos == len(timed)
+    assert len(set(orders)) > 1  # shuffled, not one fixed order
+    assert run(0) == timed and run(1) != timed  # seeded
 
 
 def test_over_batches_measures_what_each_callable_costs():

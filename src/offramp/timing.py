@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,14 +53,16 @@ def time_over_batches(
     repeats: int = 5,
     warmup: int = 1,
     group: int = 8,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """Seconds each callable takes for each pass over all ``batches``, interleaved group by
     group (pass ``r`` of every callable ran in the same stretch of time, so ratios are best
     taken pass by pass: :func:`paired_ratio`).
 
-    The batches are taken ``group`` at a time; each group is handed to every callable in turn
-    (their order rotated from group to group and from repeat to repeat), and each callable's
-    time is summed over the groups of one pass. A callable's turn starts with the group's first
+    The batches are taken ``group`` at a time; each group is handed to every callable in turn,
+    in an order shuffled afresh for every group (seeded by ``seed``; a fixed cyclic order would
+    always put the same callable before each one), and each callable's time is summed over the
+    groups of one pass. A callable's turn starts with the group's first
     batch run once untimed, so it is timed in its steady state (allocator, caches, code), as a
     server running only it would be, and not in the state the previous callable left behind.
     Candidates are never more than a group apart, so noise from a shared machine that drifts
@@ -73,6 +76,7 @@ def time_over_batches(
         repeats: timed passes over all batches; the median pass is reported.
         warmup: untimed passes first (compilation, caches, allocator).
         group: consecutive batches per turn.
+        seed: seeds the order of the turns.
 
     Returns:
         name → seconds of each timed pass over ``batches`` (``repeats`` values).
@@ -93,12 +97,12 @@ def time_over_batches(
             for name in names:
                 fns[name](b)
     groups = [batches[i : i + group] for i in range(0, len(batches), group)]
+    rng = random.Random(seed)
     passes: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
+    for _ in range(repeats):
         total = dict.fromkeys(names, 0.0)
-        for j, bs in enumerate(groups):
-            k = (r + j) % len(names)
-            for name in names[k:] + names[:k]:
+        for bs in groups:
+            for name in rng.sample(names, len(names)):
                 fn = fns[name]
                 fn(bs[0])  # untimed: the turn starts in this callable's steady state
                 t0 = time.perf_counter()
@@ -117,6 +121,7 @@ def compare_over_batches(
     repeats: int = 5,
     warmup: int = 1,
     group: int = 8,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Median seconds of one pass over all ``batches`` for each callable, timed by
     :func:`time_over_batches` (interleaved group by group, each turn in its steady state).
@@ -126,7 +131,7 @@ def compare_over_batches(
         >>> sorted(t)
         ['max', 'sum']
     """
-    passes = time_over_batches(fns, batches, repeats=repeats, warmup=warmup, group=group)
+    passes = time_over_batches(fns, batches, repeats=repeats, warmup=warmup, group=group, seed=seed)
     return {n: statistics.median(v) for n, v in passes.items()}
 
 
