@@ -18,23 +18,18 @@ from offramp.training.job import load_config, load_datasets, load_gates, load_mo
 yaml = pytest.importorskip("yaml")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
+def _train(out, **settings):
+    """A short digits run written by ``offramp train`` into ``out/run``."""
     cfg = out / "c.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "dataset": "digits",
-                "epochs": 3,
-                "lr": 3e-3,
-                "val_fraction": 0.3,
-                "output_dir": str(out / "run"),
-            }
-        )
-    )
+    base = {"dataset": "digits", "epochs": 3, "lr": 3e-3, "val_fraction": 0.3}
+    cfg.write_text(yaml.safe_dump({**base, **settings, "output_dir": str(out / "run")}))
     assert main(["train", str(cfg), "--quiet"]) == 0
     return out / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("run"))
 
 
 def test_evaluate_writes_tables_json_and_plot(run_dir, capsys):
@@ -91,23 +86,7 @@ def test_overthinking_and_oracle_capture_by_hand():
 
 @pytest.fixture(scope="module")
 def gated_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gated")
-    cfg = out / "c.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "dataset": "digits",
-                "strategy": "cost",
-                "options": {"beta": 0.2},
-                "epochs": 3,
-                "lr": 3e-3,
-                "val_fraction": 0.3,
-                "output_dir": str(out / "run"),
-            }
-        )
-    )
-    assert main(["train", str(cfg), "--quiet"]) == 0
-    return out / "run"
+    return _train(tmp_path_factory.mktemp("gated"), strategy="cost", options={"beta": 0.2})
 
 
 def test_gated_run_saves_its_gates_and_calibrate_uses_them(gated_run, run_dir, capsys):
