@@ -422,8 +422,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 net,
                 data.train,
                 cfg.fit_config(),
-                strategy=gated,
-                val=val,  # type: ignore[arg-type]
+                strategy=gated,  # type: ignore[arg-type]
+                val=val,
                 callbacks=[record],
             )
         else:
