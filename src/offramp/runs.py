@@ -65,21 +65,20 @@ class LoadedRun(NamedTuple):
 
 def load_run(run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "flops") -> LoadedRun:
     """The records, costs and (for gated runs) gates of a run written by ``offramp train``."""
-    from offramp.training.job import load_config, load_datasets, load_gates, load_model
+    from offramp.training.job import load_config, load_datasets, load_model_and_gates
 
     run = Path(run_dir)
     for f in ("model.pt", "config.json"):
         if not (run / f).is_file():
             raise DataError(f"{run} has no {f}: is it a directory written by `offramp train`?")
     cfg = load_config(run / "config.json")
-    net = load_model(run / "model.pt", allow_pickle=allow_pickle)
+    net, gates = load_model_and_gates(run / "model.pt", allow_pickle=allow_pickle)
     data = load_datasets(cfg)
     if len(data.val[1]) == 0:
         raise ConfigError(
             f"{run} was trained with val_fraction 0: there is no held-out split to fit on; "
             "retrain with val_fraction > 0"
         )
-    gates = load_gates(run / "model.pt", allow_pickle=allow_pickle)
     val = ExitRecord.collect(net, data.val, feature_scorers=gates)
     test = ExitRecord.collect(net, data.test, feature_scorers=gates)
     if cost == "flops":

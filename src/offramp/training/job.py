@@ -58,6 +58,7 @@ __all__ = [
     "load_datasets",
     "load_gates",
     "load_model",
+    "load_model_and_gates",
     "run_training",
 ]
 
@@ -226,10 +227,7 @@ def load_gates(path: str | Path, *, allow_pickle: bool = False) -> tuple[Any, ..
     ``gated`` or ``cost``, as :class:`~offramp.policies.GateScorer` s for policies,
     calibration and the runtime (see :meth:`GatedTraining.gate_scorers`); ``None`` for other
     runs."""
-    from offramp.training.gated import gate_scorers_from_state
-
-    state = _read_model(Path(path), allow_pickle)
-    return gate_scorers_from_state(state["gates"]) if "gates" in state else None
+    return _gates(_read_model(Path(path), allow_pickle))
 
 
 def load_model(path: str | Path, *, allow_pickle: bool = False) -> MultiExitNetwork:
@@ -240,7 +238,18 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> MultiExitNetw
         allow_pickle: needed for models with scikit-learn heads (strategy ``heads`` with
             ``sklearn``), whose estimators are pickled; only for files you trust.
     """
+    return _network(_read_model(Path(path), allow_pickle))
+
+
+def load_model_and_gates(
+    path: str | Path, *, allow_pickle: bool = False
+) -> tuple[MultiExitNetwork, tuple[Any, ...] | None]:
+    """:func:`load_model` and :func:`load_gates` from one read of ``model.pt``."""
     state = _read_model(Path(path), allow_pickle)
+    return _network(state), _gates(state)
+
+
+def _network(state: dict[str, Any]) -> MultiExitNetwork:
     cfg = TrainConfig.from_dict(state["config"])
     num_classes = int(state["num_classes"])
     net = build_network(cfg, int(state["in_size"]), num_classes)
@@ -248,6 +257,12 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> MultiExitNetw
         net.heads[i] = SklearnHead("logistic", num_classes)  # estimator replaced on load
     net.load_state_dict(state["state_dict"])
     return net.eval()
+
+
+def _gates(state: dict[str, Any]) -> tuple[Any, ...] | None:
+    from offramp.training.gated import gate_scorers_from_state
+
+    return gate_scorers_from_state(state["gates"]) if "gates" in state else None
 
 
 # -------------------------------------------------------------------------------- outputs
