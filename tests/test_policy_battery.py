@@ -1,6 +1,6 @@
-"""Every policy decides the same way in the simulation, the batched runtime and the batch-1
-runtime (eager and TorchScript); hand-computed cases for margin, patience, temperature scaling
-and learned confidence."""
+"""Every policy decides the same way in the simulation, the batched runtime, the pooled
+runtime and the batch-1 runtime (eager, TorchScript and compiled); hand-computed cases for
+margin, patience, temperature scaling and learned confidence."""
 
 import math
 
@@ -85,6 +85,10 @@ def test_simulation_batched_and_batch1_agree(trained, name, mode):
     np.testing.assert_array_equal(res.predictions.numpy(), sim.predictions)
     one = [rt.run_one(x[i : i + 1]) for i in range(0, x.shape[0], 7)]
     np.testing.assert_array_equal([e for _, e, _ in one], sim.exits[::7])
+    pooled = list(rt.map(x.split(37), pool=23))  # later stages pooled across batches
+    np.testing.assert_array_equal(torch.cat([r.exits for r in pooled]).numpy(), sim.exits)
+    preds = torch.cat([r.predictions for r in pooled])
+    np.testing.assert_array_equal(preds.numpy(), sim.predictions)
 
 
 def test_margin_by_hand():
@@ -158,6 +162,8 @@ def test_compiled_runtime_agrees_with_simulation(trained, name):
     np.testing.assert_array_equal(res.predictions.numpy(), sim.predictions)
     one = [rt.run_one(x[i : i + 1])[1] for i in range(0, x.shape[0], 25)]
     np.testing.assert_array_equal(one, sim.exits[::25])
+    pooled = torch.cat([r.exits for r in rt.map(x.split(50), pool=32)])
+    np.testing.assert_array_equal(pooled.numpy(), sim.exits)
 
 
 def test_compiled_runtime_on_a_cnn_in_channels_last():
@@ -170,5 +176,7 @@ def test_compiled_runtime_on_a_cnn_in_channels_last():
     sim = simulate(record, policy)
     rt = EarlyExitRuntime(net, policy, mode="compile", example_input=x[:4])
     np.testing.assert_array_equal(rt(x).exits.numpy(), sim.exits)
+    pooled = torch.cat([r.exits for r in rt.map(x.split(16), pool=16)])
+    np.testing.assert_array_equal(pooled.numpy(), sim.exits)
     with torch.no_grad():
         torch.testing.assert_close(rt.plain_backbone()(x), net.backbone()(x), rtol=1e-4, atol=1e-5)

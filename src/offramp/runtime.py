@@ -22,7 +22,7 @@ import copy
 import itertools
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -344,6 +344,48 @@ class EarlyExitRuntime:
                 m = _Bucketed(_Compiled(m), self._channels_last, self._per_octave)
             self._paths[i] = m
         return self._paths[i]
+
+    @property
+    def num_stages(self) -> int:
+        """Stages of the network, one per exit."""
+        return len(self._steps) + 1
+
+    def _stage(
+        self, i: int, h: Tensor, state: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Stage ``i`` on the rows ``h`` / ``state`` (padded to their bucket here and trimmed
+        back): ``(h_next, logits, leave, state)``, with ``leave`` ``None`` at the final exit."""
+        m = h.shape[0]
+        if (size := self._bucket(m)) != m:
+            rows = _padded(torch.arange(m, device=h.device), size)
+            h, state = h[rows], state[rows]
+        h = self._layout(h)
+        if i == len(self._steps):
+            return h, self._final(h)[:m], None, state[:m]
+        h, logits, leave, state = self._steps[i](h, state)
+        return h[:m], logits[:m], leave[:m], state[:m]
+
+    def map(self, batches: Iterable[Tensor], *, pool: int | None = None) -> Iterator[RuntimeResult]:
+        """Bulk inference: run ``batches`` with the samples that go on past an exit pooled
+        across batches, each later stage running on ``pool`` rows at a time (default: the
+        first batch's size) instead of a few rows per batch. Yields one result per batch, in
+        order, each equal to ``self(batch)``; see :mod:`offramp.pooled` for the trade-off
+        (throughput for latency).
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from offramp import MultiExitNetwork, ThresholdPolicy
+            >>> net = MultiExitNetwork([nn.Linear(4, 8), nn.Linear(8, 8)],
+            ...                        {0: nn.Linear(8, 3), 1: nn.Linear(8, 3)}, input_shape=(4,))
+            >>> rt = EarlyExitRuntime(net, ThresholdPolicy("entropy", (0.5,)))
+            >>> xs = [torch.randn(6, 4) for _ in range(3)]
+            >>> all(torch.equal(r.exits, rt(x).exits) for r, x in zip(rt.map(xs), xs))
+            True
+        """
+        from offramp.pooled import run_pooled
+
+        return run_pooled(self, batches, pool)
 
     def plain_backbone(self) -> nn.Module:
         """The plain backbone (no intermediate heads) in the same execution mode as the stages."""
