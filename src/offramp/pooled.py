@@ -88,12 +88,12 @@ def run_pooled(
         if rt.validate:
             check_input(x, rt.net.input_shape)
         n = x.shape[0]
-        pool = pool or max(n, 1)
+        pool = pool or n or None  # the first non-empty batch sets the default
         pending[b] = _Pending(exits=torch.full((n,), last, dtype=torch.long), left=n)
         if n:
             state = rt.policy.initial_state(n, x.device)
             queues[0].append(_Rows(x, state, torch.full((n,), b), torch.arange(n)))
-        _advance(rt, queues, pending, pool, flush=False)
+        _advance(rt, queues, pending, pool or 1, flush=False)
         while emitted in pending and pending[emitted].left == 0:
             yield _result(rt, pending.pop(emitted))
             emitted += 1

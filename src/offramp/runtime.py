@@ -374,11 +374,9 @@ class EarlyExitRuntime:
 
         Example:
             >>> import torch
-            >>> from torch import nn
-            >>> from offramp import MultiExitNetwork, ThresholdPolicy
-            >>> net = MultiExitNetwork([nn.Linear(4, 8), nn.Linear(8, 8)],
-            ...                        {0: nn.Linear(8, 3), 1: nn.Linear(8, 3)}, input_shape=(4,))
-            >>> rt = EarlyExitRuntime(net, ThresholdPolicy("entropy", (0.5,)))
+            >>> from offramp import ThresholdPolicy
+            >>> from offramp.models import mlp
+            >>> rt = EarlyExitRuntime(mlp(4, 3, hidden=(8, 8)), ThresholdPolicy("max_prob", (0.5,)))
             >>> xs = [torch.randn(6, 4) for _ in range(3)]
             >>> all(torch.equal(r.exits, rt(x).exits) for r, x in zip(rt.map(xs), xs))
             True
