@@ -50,6 +50,19 @@ def _cfg(**kw):
     return FitConfig(**{**base, **kw})
 
 
+def test_train_takes_a_built_strategy_like_its_name():
+    x, y = _data()
+    by_name, built = _net(), _net()
+    train(by_name, (x, y), _cfg(seed=0), "cost", options={"beta": 0.1})
+    strategy = make_strategy("cost", built, x[:2], beta=0.1)
+    train(built, (x, y), _cfg(seed=0), strategy)
+    for a, b in zip(by_name.parameters(), built.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert isinstance(strategy, GatedTraining)  # kept by the caller, gates trained
+    with pytest.raises(ConfigError, match="make_strategy"):
+        train(built, (x, y), _cfg(), strategy, options={"beta": 0.1})
+
+
 # ---------------------------------------------------------------- combined output (eq. 8)
 
 

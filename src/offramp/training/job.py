@@ -398,7 +398,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     from offramp.evaluation import ExitRecord
     from offramp.training.distributed import barrier, init_process_group, world_info
-    from offramp.training.loop import fit
     from offramp.training.registry import make_strategy, train
 
     joined = False
@@ -429,28 +428,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 rows.append(_row(log, net.num_exits))
                 _write_history(out, rows)
 
-        val = data.val if len(data.val[1]) else None
         gated = None
-        if cfg.strategy in GATED:  # kept: its gates are saved with the model
+        if cfg.strategy in GATED:  # built here and kept: its gates are saved with the model
             gated = make_strategy(cfg.strategy, net, data.train[0][:2], **cfg.options)
-            history = fit(
-                net,
-                data.train,
-                cfg.fit_config(),
-                strategy=gated,  # type: ignore[arg-type]
-                val=val,
-                callbacks=[record],
-            )
-        else:
-            history = train(
-                net,
-                data.train,
-                cfg.fit_config(),
-                cfg.strategy,
-                val=val,
-                options=cfg.options,
-                callbacks=[record],
-            )
+        history = train(
+            net,
+            data.train,
+            cfg.fit_config(),
+            cfg.strategy if gated is None else gated,
+            val=data.val if len(data.val[1]) else None,
+            options=cfg.options if gated is None else None,
+            callbacks=[record],
+        )
         rec = ExitRecord.collect(net, data.test)
         acc = [float(a) for a in rec.exit_accuracy().tolist()]
         metrics: dict[str, Any] = {

@@ -222,7 +222,7 @@ def train(
     net: MultiExitNetwork,
     data: tuple[Tensor, Tensor],
     config: FitConfig | None = None,
-    strategy: str = "joint",
+    strategy: str | object = "joint",
     *,
     val: tuple[Tensor, Tensor] | None = None,
     options: dict[str, Any] | None = None,
@@ -235,7 +235,9 @@ def train(
         data: training ``(X, y)`` tensors.
         config: loop settings; ``config.checkpoint`` is the checkpoint file (strategies that
             run several fits derive one file per fit from it).
-        strategy: one of :data:`STRATEGIES`.
+        strategy: one of :data:`STRATEGIES`, or a step strategy already built by
+            :func:`make_strategy` (to keep it, e.g. the gates of ``gated``; ``options`` then
+            belong to the build, not here).
         val: optional ``(X, y)`` evaluated on every exit after each epoch.
         options: the strategy's own settings (:data:`OPTIONS`).
         callbacks: called with every :class:`EpochLog`.
@@ -254,6 +256,13 @@ def train(
         1
     """
     cfg = config or FitConfig()
+    if not isinstance(strategy, str):
+        if options:
+            raise ConfigError(
+                f"options {sorted(options)} go to make_strategy when the strategy is built "
+                "there; pass a strategy name to train to have train build it"
+            )
+        return fit(net, data, cfg, strategy=strategy, val=val, callbacks=callbacks)  # type: ignore[arg-type]
     opts = coerce_options(strategy, dict(options or {}))
     if strategy in ("layerwise", "ib"):
         from offramp.training.layerwise import fit_layerwise
