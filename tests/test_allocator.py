@@ -44,8 +44,10 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     applied, kept = _faults("keep")
     assert applied == "True"
     # glibc's defaults hand the 72 MiB back and fault it in again on most runs (measured:
-    # 245k faults in 9 of 12 fresh interpreters); kept, at most one block is faulted in
-    assert kept <= (24 << 20) // 4096, kept  # one block: 6144 pages
+    # 245k faults in 9 of 12 fresh interpreters, of 368,640 possible); kept, about one block is
+    # faulted in (6144 pages; a fresh-clone CI run once counted 6145: the interpreter's own
+    # allocations fault pages too), so the bound is two blocks, still 30x below the default
+    assert kept <= 2 * (24 << 20) // 4096, kept
 
 
 @pytest.mark.parametrize(
