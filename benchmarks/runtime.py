@@ -67,11 +67,12 @@ from offramp.analysis import oracle_saving_captured, oracle_summary
 from offramp.calibration import calibrate_policies
 from offramp.costs import profile
 from offramp.data import load_mnist
+from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord, simulate
 from offramp.models import resnet
 from offramp.policies import ThresholdPolicy
 from offramp.report import format_table
-from offramp.runtime import MODES, EarlyExitRuntime
+from offramp.runtime import MODES, EarlyExitRuntime, bucket_size
 from offramp.timing import paired_ratio, time_over_batches
 from offramp.training import fit
 
@@ -407,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
         p.error(f"unknown --modes {sorted(unknown)}; choose from {MODES}")
+    try:
+        bucket_size(1, args.buckets)
+    except ConfigError as exc:
+        p.error(f"--buckets: {exc}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.malloc == "keep" else False

@@ -46,7 +46,7 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     # glibc's defaults hand the 72 MiB back and fault it in again on most runs (measured:
     # 245k faults in 9 of 12 fresh interpreters, of 368,640 possible); kept, about one block is
     # faulted in (6144 pages; a fresh-clone CI run once counted 6145: the interpreter's own
-    # allocations fault pages too), so the bound is two blocks, still 30x below the default
+    # allocations fault pages too), so the bound is two blocks, 20x below the defaults' 245k
     assert kept <= 2 * (24 << 20) // 4096, kept
 
 
