@@ -238,14 +238,7 @@ def run_dataset(name: str, root: Path, args: argparse.Namespace) -> dict[str, An
     }
     timing["overhead_no_exit"] = ratio(f"never/{mode}", plain_key)
     timing["speedup_batch256"] = ratio(plain_key, f"policy/{mode}")
-    rt = EarlyExitRuntime(
-        net,
-        chosen.policy,
-        mode=mode,
-        example_input=xt[:1],
-        validate=False,
-        buckets_per_octave=args.buckets,
-    )
+    rt = fns[f"policy/{mode}"]  # the runtime just timed, already compiled
     pooled = pooled_timing(rt, xs, args.repeats, sim.exits)
     # what the measured latency of each exit's path predicts for this policy (FLOPs cannot see
     # memory-bound layers: the wide early stage costs more time per FLOP than later ones)
