@@ -9,6 +9,11 @@ PY     := $(BIN)/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DATA   ?= ../shared/data
 
+# Benchmarks run inside benchmarks/, so results and cached checkpoints land in
+# benchmarks/results (where the committed results are), whatever the data path's form.
+BENCH = export OFFRAMP_DATA="$$(realpath -m "$${OFFRAMP_DATA:-$(DATA)}")" && cd benchmarks && \
+	$(abspath $(PY))
+
 .PHONY: demo test test-slow lint format bench bench-strategies bench-runtime bench-placement clean
 
 $(BIN)/.torch:
@@ -42,16 +47,16 @@ format: $(BIN)/.deps-dev
 	$(BIN)/ruff check --fix src tests benchmarks
 
 bench: $(BIN)/.deps-dev
-	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/branchynet_mnist.py --json results/branchynet_mnist.json
+	$(BENCH) branchynet_mnist.py --json results/branchynet_mnist.json
 
 bench-strategies: $(BIN)/.deps-dev
-	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/strategies.py --json results/strategies.json
+	$(BENCH) strategies.py --json results/strategies.json
 
 bench-runtime: $(BIN)/.deps-dev
-	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/runtime.py --json results/runtime.json
+	$(BENCH) runtime.py --json results/runtime.json
 
 bench-placement: $(BIN)/.deps-dev
-	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) benchmarks/placement.py --json results/placement.json
+	$(BENCH) placement.py --json results/placement.json
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache
