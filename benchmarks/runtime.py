@@ -4,15 +4,16 @@ For each dataset: a residual CNN (``offramp.models.resnet``, widths ``--widths``
 default; 16/32/64 is a narrow variant whose full-resolution first stage is memory-bound — two
 basic blocks per stage, exits after blocks 2 and 4 with ``--head`` heads, by default SDN's
 mixed max/avg pooling to a 4×4 grid and a linear layer) is trained jointly for ``--epochs``
-epochs; every policy family (entropy, max-prob, margin — plain and temperature-scaled —
-learned confidence, one shared threshold, patience) is calibrated on 5,000 held-out training
-images for a target accuracy drop of ``--target-drop`` percentage points, required at
-``--confidence`` one-sided confidence *for the chosen family* (a lower confidence bound of the
-paired accuracy difference, each of the k families at ``1 − (1 − confidence) / k``
-(Bonferroni), since the cheapest of k is chosen; the plain calibration is reported beside
-it); the family with the lowest expected cost *on the calibration split* is chosen (no
-test-set selection) and reported on the 10,000 test images: accuracy drop, expected FLOPs
-relative to the backbone, and the share of the oracle's saving it captures.
+(12) epochs on the training images but the last ``--val`` (10,000); every policy family
+(entropy, max-prob, margin — plain and temperature-scaled — learned confidence, one shared
+threshold, patience) is calibrated on those held-out images for a target accuracy drop of
+``--target-drop`` percentage points, required at ``--confidence`` one-sided confidence
+*for the chosen family* (a lower confidence bound of the paired accuracy difference, each of
+the k families at ``1 − (1 − confidence) / k`` (Bonferroni), since the cheapest of k is
+chosen; the plain calibration is reported beside it); the family with the lowest expected cost
+*on the calibration split* is chosen (no test-set selection) and reported on the 10,000 test
+images: accuracy drop, expected FLOPs relative to the backbone, and the share of the oracle's
+saving it captures.
 
 The share of the oracle's saving the chosen policy captures is set beside a ceiling: the best
 any family reaches at the same target when its thresholds are fitted on the *test* split itself
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", default="results/runtime.json")
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument(
         "--widths",
         default="32,64,128",
@@ -362,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-limit", type=int, default=None, help="use fewer training images")
-    p.add_argument("--val", type=int, default=5000)
+    p.add_argument(
+        "--val",
+        type=int,
+        default=10_000,
+        help="held-out training images to calibrate on (the rest train the network)",
+    )
     p.add_argument("--target-drop", type=float, default=0.1, help="percentage points")
     p.add_argument(
         "--confidence",
