@@ -1,8 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from offramp import HEADS, make_head
+from offramp import HEADS, heads, make_head
 from offramp.errors import ConfigError
+from offramp.heads import max_avg_pool2d
 
 SHAPES = [(6, 9, 9), (3, 4, 4), (12,), (4, 10)]
 
@@ -48,3 +52,50 @@ def test_spatial_heads_refuse_flat_features(name):
 def test_unknown_head():
     with pytest.raises(ConfigError, match="unknown head 'big'.*'linear'"):
         make_head("big", (4,), 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    c=st.integers(1, 4),
+    hh=st.integers(1, 17),
+    ww=st.integers(1, 17),
+    size=st.integers(1, 6),
+    channels_last=st.booleans(),
+)
+def test_max_avg_pool2d_equals_adaptive_pooling(b, c, hh, ww, size, channels_last):
+    h = torch.randn(b, c, hh, ww)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    mx, av = max_avg_pool2d(h, size)
+    assert torch.equal(mx, F.adaptive_max_pool2d(h, size))
+    torch.testing.assert_close(av, F.adaptive_avg_pool2d(h, size), rtol=1e-5, atol=1e-6)
+
+
+def test_max_avg_pool2d_hand_computed():
+    # 3 -> 2: adaptive windows [0, 2) and [1, 3) overlap in the middle row and column
+    h = torch.arange(9.0).reshape(1, 1, 3, 3)
+    mx, av = max_avg_pool2d(h, 2)
+    assert mx.flatten().tolist() == [4.0, 5.0, 7.0, 8.0]
+    assert av.flatten().tolist() == [2.0, 3.0, 5.0, 6.0]
+
+
+@pytest.mark.parametrize("hw", [8, 7])  # equal windows (one reshape) and overlapping ones
+def test_compiled_mixpool_takes_the_one_pass_form_and_equals_eager(hw, monkeypatch):
+    calls = []
+
+    def counted(h, size):
+        calls.append(size)
+        return max_avg_pool2d(h, size)
+
+    monkeypatch.setattr(heads, "max_avg_pool2d", counted)
+    torch.manual_seed(0)
+    head = make_head("mixpool", (3, hw, hw), 5).eval()
+    with torch.no_grad():
+        head[0].mix.fill_(0.3)
+        h = torch.randn(4, 3, hw, hw).contiguous(memory_format=torch.channels_last)
+        want = head(h)
+        assert not calls  # eager keeps the adaptive poolings
+        got = torch.compile(head, dynamic=False)(h)
+    assert calls == [head[0].size]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
