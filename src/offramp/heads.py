@@ -137,8 +137,8 @@ def max_avg_pool2d(h: Tensor, size: int) -> tuple[Tensor, Tensor]:
     Equals ``(adaptive_max_pool2d(h, size), adaptive_avg_pool2d(h, size))`` (the averages up to
     float rounding). Inductor compiles it to one kernel whose vectorised loops keep the max and
     the sum of each window together, over the channels (no-exit runtime on the benchmark's
-    Fashion-MNIST network, batch 256: 1 % faster than with the two adaptive poolings). In eager mode it is slower than
-    they are, so :class:`MixedPool2d` uses it only when compiling.
+    Fashion-MNIST network, batch 256: 1 % faster than with the two adaptive poolings). In eager
+    mode it is slower than they are, so :class:`MixedPool2d` uses it only when compiling.
 
     Example:
         >>> import torch
