@@ -99,3 +99,5 @@ def test_compiled_mixpool_takes_the_one_pass_form_and_equals_eager(hw, monkeypat
         got = torch.compile(head, dynamic=False)(h)
     assert calls == [head[0].size]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.compile(head, dynamic=False)(h.requires_grad_())  # training keeps adaptive pooling
+    assert calls == [head[0].size]

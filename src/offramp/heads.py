@@ -138,7 +138,8 @@ def max_avg_pool2d(h: Tensor, size: int) -> tuple[Tensor, Tensor]:
     float rounding). Inductor compiles it to one kernel whose vectorised loops keep the max and
     the sum of each window together, over the channels (no-exit runtime on the benchmark's
     Fashion-MNIST network, batch 256: 1 % faster than with the two adaptive poolings). In eager
-    mode it is slower than they are, so :class:`MixedPool2d` uses it only when compiling.
+    mode it is slower than they are, so :class:`MixedPool2d` uses it only when compiling
+    without gradients.
 
     Example:
         >>> import torch
@@ -165,8 +166,8 @@ def max_avg_pool2d(h: Tensor, size: int) -> tuple[Tensor, Tensor]:
 class MixedPool2d(nn.Module):
     """``σ(a)·maxpool(h) + (1 − σ(a))·avgpool(h)`` with a learned scalar ``a`` (SDN's mix).
 
-    Pools a ``(B, C, H, W)`` map to ``(B, C, size, size)`` with adaptive pooling (under
-    ``torch.compile``, with :func:`max_avg_pool2d`, which computes the same in one pass).
+    Pools a ``(B, C, H, W)`` map to ``(B, C, size, size)`` with adaptive pooling (for inference
+    under ``torch.compile``, with :func:`max_avg_pool2d`, which computes the same in one pass).
     """
 
     def __init__(self, size: int) -> None:
@@ -176,7 +177,9 @@ class MixedPool2d(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         a = torch.sigmoid(self.mix)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # inference only: amax spreads its gradient over tied maxima (ReLU zeros tie often)
+            # where adaptive max pooling picks one, so compiled training keeps the latter
             mx, av = max_avg_pool2d(h, self.size)
         else:
             mx = nn.functional.adaptive_max_pool2d(h, self.size)
