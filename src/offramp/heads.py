@@ -157,9 +157,17 @@ def max_avg_pool2d(h: Tensor, size: int) -> tuple[Tensor, Tensor]:
         mx, av = v.amax((2, 4)), v.mean((2, 4))  # (B, s, s, C)
     else:  # unequal or overlapping windows: one reduction per cell
         rows, cols = _windows(hh, size), _windows(ww, size)
-        cells = [[v[:, r0:r1, c0:c1] for c0, c1 in cols] for r0, r1 in rows]
-        mx = torch.stack([torch.stack([x.amax((1, 2)) for x in row], 1) for row in cells], 1)
-        av = torch.stack([torch.stack([x.mean((1, 2)) for x in row], 1) for row in cells], 1)
+
+        def grid(reduce: Callable[..., Tensor]) -> Tensor:  # (B, s, s, C)
+            return torch.stack(
+                [
+                    torch.stack([reduce(v[:, r0:r1, c0:c1], (1, 2)) for c0, c1 in cols], 1)
+                    for r0, r1 in rows
+                ],
+                1,
+            )
+
+        mx, av = grid(torch.amax), grid(torch.mean)
     return mx.permute(0, 3, 1, 2), av.permute(0, 3, 1, 2)  # (B, s, s, C) -> (B, C, s, s)
 
 
