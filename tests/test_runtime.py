@@ -133,6 +133,34 @@ def test_compiled_variants_are_one_per_signature_and_respect_strides():
     assert len(c._variants) == 3
 
 
+class _DataDependent(nn.Module):
+    """Python control flow on a tensor's value: export refuses it, torch.compile breaks the
+    graph around it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if float(x.sum()) > 0 else x - 1
+
+
+def test_compiled_takes_standalone_path_for_inference_and_dynamo_otherwise():
+    from offramp.runtime import _Compiled
+
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
+    c = _Compiled(conv)
+    x = torch.rand(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), conv(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c(x), conv(x), rtol=1e-5, atol=1e-6)  # grad enabled
+    assert sorted(c.kinds.values()) == ["dynamo", "standalone"]
+    assert [k[0] for k, v in sorted(c.kinds.items(), key=lambda kv: kv[1])] == [True, False]
+
+    d = _Compiled(_DataDependent())
+    with torch.no_grad():
+        for sign in (1.0, -1.0):  # one Dynamo variant, guarding both branches
+            x = sign * torch.ones(3)
+            torch.testing.assert_close(d(x), _DataDependent()(x))
+    assert set(d.kinds.values()) == {"dynamo"}
+
+
 def test_compiled_runtime_compiles_each_bucket_once():
     net = MODELS["resnet"](8, 10).eval()
     x = torch.rand(40, 1, 8, 8)
@@ -144,5 +172,6 @@ def test_compiled_runtime_compiles_each_bucket_once():
             rt(x[:n])
     first = rt._steps[0]._variants
     # stage 0 sees the raw batch sizes' buckets (1, 3, 48, 24); no duplicates on the rerun
-    assert sorted(k[1][0][0] for k in first) == [1, 3, 24, 48]
+    assert sorted(k[2][0][0] for k in first) == [1, 3, 24, 48]
+    assert set(rt._steps[0].kinds.values()) == {"standalone"}  # exported, no Dynamo per call
     np.testing.assert_array_equal(rt(x).exits.numpy(), simulate(rec, pol).exits)
