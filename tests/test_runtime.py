@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -141,8 +143,10 @@ class _DataDependent(nn.Module):
         return x * 2 if float(x.sum()) > 0 else x - 1
 
 
-def test_compiled_takes_standalone_path_for_inference_and_dynamo_otherwise():
+def test_compiled_takes_standalone_path_for_inference_and_dynamo_otherwise(caplog):
     from offramp.runtime import _Compiled
+
+    caplog.set_level(logging.DEBUG, logger="offramp.runtime")
 
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
     c = _Compiled(conv)
@@ -159,6 +163,7 @@ def test_compiled_takes_standalone_path_for_inference_and_dynamo_otherwise():
             x = sign * torch.ones(3)
             torch.testing.assert_close(d(x), _DataDependent()(x))
     assert set(d.kinds.values()) == {"dynamo"}
+    assert "_DataDependent does not export" in caplog.text  # says why, at debug level
 
 
 def test_compiled_runtime_compiles_each_bucket_once():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +36,8 @@ from offramp.network import MultiExitNetwork, check_input
 from offramp.policies import ExitPolicy
 
 __all__ = ["MODES", "EarlyExitRuntime", "RuntimeResult", "bucket_size"]
+
+_log = logging.getLogger(__name__)
 
 MODES = ("eager", "script", "compile")
 
@@ -156,12 +159,11 @@ class _Compiled:
 def _standalone(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., Any] | None:
     """``module`` exported and compiled ahead of time for inputs shaped like ``args``, frozen;
     ``None`` when it does not export or compile, or disagrees with eager on ``args``."""
-    import logging
-
     import torch._inductor.config as inductor_config
     from torch._inductor import standalone_compile
 
     # standalone_compile warns that a frozen graph cannot be saved: nothing is saved here
+    name = type(module).__name__
     quiet = logging.getLogger("torch._inductor.standalone_compile")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -172,11 +174,15 @@ def _standalone(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., An
             with inductor_config.patch(freezing=True):
                 fn = standalone_compile(gm, list(args), dynamic_shapes="from_example_inputs")
             got, want = fn(*args), module(*args)
-    except Exception:  # export / Inductor errors have many types; torch.compile may still work
+    except Exception as exc:  # export / Inductor errors have many types; torch.compile may work
+        _log.debug("%s does not export (%s: %s); torch.compile it", name, type(exc).__name__, exc)
         return None
     finally:
         quiet.setLevel(level)
-    return fn if _agree(got, want) else None
+    if not _agree(got, want):
+        _log.debug("%s compiled ahead of time disagrees with eager; torch.compile it", name)
+        return None
+    return fn
 
 
 def _agree(got: Any, want: Any) -> bool:
