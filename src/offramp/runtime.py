@@ -162,8 +162,8 @@ def _standalone(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., An
     import torch._inductor.config as inductor_config
     from torch._inductor import standalone_compile
 
-    # standalone_compile warns that a frozen graph cannot be saved: nothing is saved here
     name = type(module).__name__
+    # standalone_compile warns that a frozen graph cannot be saved: nothing is saved here
     quiet = logging.getLogger("torch._inductor.standalone_compile")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -172,15 +172,17 @@ def _standalone(module: nn.Module, args: tuple[Tensor, ...]) -> Callable[..., An
             warnings.simplefilter("ignore")
             gm = torch.export.export(module, args, strict=False).module()
             with inductor_config.patch(freezing=True):
-                fn = standalone_compile(gm, list(args), dynamic_shapes="from_example_inputs")
+                fn = standalone_compile(
+                    gm, list(args), dynamic_shapes="from_example_inputs", donate_graph_module=True
+                )
             got, want = fn(*args), module(*args)
     except Exception as exc:  # export / Inductor errors have many types; torch.compile may work
-        _log.debug("%s does not export (%s: %s); torch.compile it", name, type(exc).__name__, exc)
+        _log.debug("%s not compiled ahead of time (%s: %s)", name, type(exc).__name__, exc)
         return None
     finally:
         quiet.setLevel(level)
     if not _agree(got, want):
-        _log.debug("%s compiled ahead of time disagrees with eager; torch.compile it", name)
+        _log.debug("%s compiled ahead of time disagrees with eager", name)
         return None
     return fn
 
