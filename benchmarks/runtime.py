@@ -23,8 +23,9 @@ exits, not the calibration).
 Then wall-clock, side by side in one run: the plain backbone, the early-exit runtime with no
 exit firing, and the runtime with the chosen policy, over the whole test set in batches of
 256, with TorchScript (each stage traced, frozen and optimised for inference) and with
-torch.compile (frozen, channels-last, ``--buckets`` batch-size buckets per octave: 16 by
-default, so padding adds < 6.25 % rows); ``--modes`` adds eager mode. The
+torch.compile (frozen, channels-last, each stage exported and compiled ahead of time where it
+exports, ``--buckets`` batch-size buckets per octave: 16 by default, so padding adds < 6.25 %
+rows; ``--cpp-wrapper`` has Inductor drive the stages from C++); ``--modes`` adds eager mode. The
 batches are handed to the candidates eight at a time, each in turn (order shuffled for every
 group, each turn starting from one untimed batch), so slow drifts of a shared machine hit all
 candidates alike; every ratio is taken pass by pass, and the median over the passes after a
@@ -210,6 +211,8 @@ def run_dataset(name: str, root: Path, args: argparse.Namespace) -> dict[str, An
     for mode in modes:
         ex = xt[:4]
         opts = {"example_input": ex, "validate": False, "buckets_per_octave": args.buckets}
+        if mode == "compile":
+            opts["cpp_wrapper"] = args.cpp_wrapper
         rt = EarlyExitRuntime(net, chosen.policy, mode=mode, **opts)
         never = EarlyExitRuntime(net, ThresholdPolicy.never(net.num_exits), mode=mode, **opts)
         res = torch.cat([rt(b).exits for b in xs])
@@ -389,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         help="compile mode: batch-size buckets per octave (EarlyExitRuntime's "
         "buckets_per_octave; 16 pads a stage's rows by < 6.25 %%, the default 4 by < 25 %%, at "
         "the price of more compilations)",
+    )
+    p.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="compile mode: Inductor's C++ wrapper for every compiled stage (EarlyExitRuntime's "
+        "cpp_wrapper; lower batch-1 latency, longer compilation)",
     )
     p.add_argument(
         "--malloc",

@@ -184,3 +184,29 @@ def test_compiled_runtime_compiles_each_bucket_once():
     assert sorted(k[2][0][0] for k in first) == [1, 3, 24, 48]
     assert set(rt._steps[0].kinds.values()) == {"standalone"}  # exported, no Dynamo per call
     np.testing.assert_array_equal(rt(x).exits.numpy(), simulate(rec, pol).exits)
+
+
+def test_cpp_wrapper_runtime_equals_simulation_and_needs_compile_mode(monkeypatch):
+    import torch._inductor
+    import torch._inductor.config as inductor_config
+
+    seen = []  # Inductor's cpp_wrapper setting at each ahead-of-time compilation
+    compile_ = torch._inductor.standalone_compile
+
+    def spy(*args, **kwargs):
+        seen.append(inductor_config.cpp_wrapper)
+        return compile_(*args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "standalone_compile", spy)
+    net = MODELS["resnet"](8, 10).eval()
+    x = torch.rand(12, 1, 8, 8)
+    rec = ExitRecord.collect(net, (x, torch.zeros(12, dtype=torch.long)))
+    pol = _policy(rec, "max_prob", 0.5)
+    rt = EarlyExitRuntime(net, pol, mode="compile", example_input=x[:2], cpp_wrapper=True)
+    np.testing.assert_array_equal(rt(x).exits.numpy(), simulate(rec, pol).exits)
+    assert rt.run_one(x[:1])[1] == simulate(rec, pol).exits[0]
+    assert set(rt._steps[0].kinds.values()) == {"standalone"}
+    rt.plain_backbone()(x)
+    assert seen and all(seen) and not inductor_config.cpp_wrapper  # on only while compiling
+    with pytest.raises(ConfigError, match="cpp_wrapper=True applies to mode='compile' only"):
+        EarlyExitRuntime(net, pol, mode="script", example_input=x[:2], cpp_wrapper=True)
