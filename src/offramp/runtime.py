@@ -6,13 +6,14 @@ only compute for the samples still running. The only host synchronisation is one
 stage — none per sample. The batch-1 path stops at the first exit that fires.
 
 Each stage is one module computing ``(h_i, logits_i, leave_i)`` — body, head and the exit test
-fused — and can be traced and frozen with TorchScript (``mode="script"``), or compiled with
-``torch.compile`` (``mode="compile"``: a frozen snapshot of the network in channels-last layout,
-so stage boundaries cost no layout conversion). Compiled stages are specialised to a few batch
-sizes — "buckets", four per octave — and a batch is padded up to its bucket by repeating a row
-of the gather that compaction does anyway: at most 25 % (about 10 % on average) of a stage's
-rows are padding, in exchange for static-shape kernels with frozen, prepacked weights.
-Use :meth:`EarlyExitRuntime.plain_backbone` to time the plain backbone in the same
+fused — and can be traced and frozen with TorchScript (``mode="script"``), or compiled by
+Inductor (``mode="compile"``: a frozen snapshot of the network in channels-last layout, so stage
+boundaries cost no layout conversion; each stage exported and compiled ahead of time where it
+exports, so calls skip TorchDynamo, else ``torch.compile``). Compiled stages are specialised to
+a few batch sizes — "buckets", four per octave — and a batch is padded up to its bucket by
+repeating a row of the gather that compaction does anyway: at most 25 % (about 10 % on average)
+of a stage's rows are padding, in exchange for static-shape kernels with frozen, prepacked
+weights. Use :meth:`EarlyExitRuntime.plain_backbone` to time the plain backbone in the same
 execution mode.
 """
 
@@ -121,9 +122,10 @@ class _Compiled:
     picked here by its exact signature, each call checks one variant's guards, however many
     batch-size buckets the stages have seen, and no recompile limit is ever reached.
 
-    Freezing (conv-bn folded, weights prepacked) is on while a variant compiles. Inductor
-    reads it from its global config (``torch.compile(options=...)`` does not reach it), so it
-    is switched on only around compilation, leaving the user's other compilations alone.
+    Freezing (conv-bn folded, weights prepacked), and Inductor's C++ wrapper when asked for, are
+    on while a variant compiles. Inductor reads them from its global config
+    (``torch.compile(options=...)`` does not reach them), so they are switched on only around
+    compilation, leaving the user's other compilations alone.
     """
 
     def __init__(self, module: nn.Module, *, cpp_wrapper: bool = False) -> None:
@@ -284,9 +286,10 @@ class EarlyExitRuntime:
             temperature or learned scorers; patience).
         costs: optional cost profile, to report each sample's FLOPs.
         mode: ``"eager"`` (plain PyTorch), ``"script"`` (each stage traced and frozen with
-            TorchScript) or ``"compile"`` (each stage compiled by ``torch.compile``, on a
-            snapshot of the network: later changes to ``net`` are not seen; needs a C++
-            compiler). The last two need ``example_input``.
+            TorchScript) or ``"compile"`` (each stage compiled by Inductor, ahead of time
+            where it exports and with ``torch.compile`` otherwise, on a snapshot of the
+            network: later changes to ``net`` are not seen; needs a C++ compiler). The last
+            two need ``example_input``.
         example_input: an example batch for ``mode="script"`` and ``mode="compile"``.
         validate: check shape and finiteness of every input batch (one sync per batch).
         buckets_per_octave: ``mode="compile"`` only: batch-size buckets per power of two (a
@@ -295,8 +298,8 @@ class EarlyExitRuntime:
             :func:`bucket_size`).
         cpp_wrapper: ``mode="compile"`` only: have Inductor drive each compiled stage from C++
             instead of Python. Smaller batches gain most (batch 1 on the runtime benchmark's
-            network: about 11 % lower latency, plain and early exit alike; batch 256: no
-            measurable change), and each stage takes longer to compile (about 1.6× as long).
+            network: about 11 % lower latency, plain and early exit alike; batch 256: within
+            the run-to-run spread), and each stage takes about 1.6× as long to compile.
 
     Example:
         >>> import torch
