@@ -135,9 +135,10 @@ class _Compiled:
         self.kinds: dict[tuple[Any, ...], str] = {}  # "standalone" or "dynamo", per signature
 
     def __call__(self, *args: Tensor) -> Any:
+        grad = torch.is_grad_enabled()  # freezing applies without grad only
         autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
         key = (
-            torch.is_grad_enabled(),  # freezing applies without grad only
+            grad,
             autocast,
             *((a.shape, a.stride(), a.dtype, a.device) for a in args),
         )
@@ -147,10 +148,10 @@ class _Compiled:
         import torch._inductor.config as inductor_config
 
         config = {"freezing": True, "cpp_wrapper": self.cpp_wrapper}
-        fn = None if key[0] or autocast else _standalone(self.module, args, config)
-        if fn is not None:
+        compiled = None if grad or autocast else _standalone(self.module, args, config)
+        if compiled is not None:
             self.kinds[key] = "standalone"
-            out = fn(*args)
+            fn, out = compiled
         else:
             self.kinds[key] = "dynamo"
             fn = torch.compile(_own_code(self.module), dynamic=False)
@@ -162,10 +163,10 @@ class _Compiled:
 
 def _standalone(
     module: nn.Module, args: tuple[Tensor, ...], config: dict[str, Any]
-) -> Callable[..., Any] | None:
+) -> tuple[Callable[..., Any], Any] | None:
     """``module`` exported and compiled ahead of time for inputs shaped like ``args``, with
-    Inductor ``config``; ``None`` when it does not export or compile, or disagrees with eager
-    on ``args``."""
+    Inductor ``config``, and its output on ``args``; ``None`` when it does not export or
+    compile, or disagrees with eager on ``args``."""
     import torch._inductor.config as inductor_config
     from torch._inductor import standalone_compile
 
@@ -191,7 +192,7 @@ def _standalone(
     if not _agree(got, want):
         _log.debug("%s compiled ahead of time disagrees with eager", name)
         return None
-    return fn
+    return fn, got
 
 
 def _agree(got: Any, want: Any) -> bool:
@@ -327,6 +328,8 @@ class EarlyExitRuntime:
         policy.check(net.num_exits)
         if mode not in MODES:
             raise ConfigError(f"unknown runtime mode {mode!r}; choose one of {MODES}")
+        if cpp_wrapper and mode != "compile":
+            raise ConfigError(f"cpp_wrapper=True applies to mode='compile' only, not {mode!r}")
         if mode in ("script", "compile") and example_input is None:
             raise ConfigError(f"mode={mode!r} compiles each stage: pass example_input=x[:2]")
         if mode in ("script", "compile"):
@@ -344,8 +347,6 @@ class EarlyExitRuntime:
         self.policy = policy
         self.mode = mode
         self.validate = validate
-        if cpp_wrapper and mode != "compile":
-            raise ConfigError(f"cpp_wrapper=True applies to mode='compile' only, not {mode!r}")
         self._cpp_wrapper = cpp_wrapper
         bucket_size(1, buckets_per_octave)  # validates it
         self._per_octave = buckets_per_octave if mode == "compile" else 0
