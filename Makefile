@@ -14,7 +14,7 @@ DATA   ?= ../shared/data
 BENCH = export OFFRAMP_DATA="$$(realpath -m "$${OFFRAMP_DATA:-$(DATA)}")" && cd benchmarks && \
 	$(abspath $(PY))
 
-.PHONY: demo test test-slow lint format bench bench-strategies bench-runtime bench-placement clean
+.PHONY: demo test test-slow lint format bench bench-strategies bench-runtime bench-widths bench-placement clean
 
 $(BIN)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,9 @@ bench-strategies: $(BIN)/.deps-dev
 
 bench-runtime: $(BIN)/.deps-dev
 	$(BENCH) runtime.py --json results/runtime.json
+
+bench-widths: $(BIN)/.deps-dev
+	$(BENCH) widths.py --json results/widths.json
 
 bench-placement: $(BIN)/.deps-dev
 	$(BENCH) placement.py --json results/placement.json
