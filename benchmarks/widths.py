@@ -2,7 +2,7 @@
 
 For the runtime benchmark's residual CNN (``runtime.build``: two basic blocks per stage, exits
 after blocks 2 and 4, ``--head`` heads) at each of several widths, with random weights (the
-time of a pass does not depend on them), compiled like the runtime benchmark's fastest mode
+time of a pass does not depend on them), compiled as in the runtime benchmark's faster mode
 (``mode="compile"``, 16 batch-size buckets per octave), on batches of 256 Fashion-MNIST test
 images:
 
@@ -55,12 +55,12 @@ def measure(
 ) -> dict[str, Any]:
     """The overhead, path shares and ceiling of one width (see the module docstring)."""
     net = build(0, widths, head).eval()
+    if len(fractions) != net.num_exits:
+        raise SystemExit(f"--fractions needs {net.num_exits} values, got {len(fractions)}")
     rel_flops = profile(net, xs[0][:1]).cumulative
     rel_flops = rel_flops / rel_flops[-1]
     opts = {"example_input": xs[0][:4], "validate": False, "buckets_per_octave": 16}
     never = EarlyExitRuntime(net, ThresholdPolicy.never(net.num_exits), mode="compile", **opts)
-    if len(fractions) != net.num_exits:
-        raise SystemExit(f"--fractions needs {net.num_exits} values, got {len(fractions)}")
     plain = never.plain_backbone()
     passes = time_all({"plain": plain, "never": never}, xs, repeats)
     paths = time_all({str(i): never.path(i) for i in range(net.num_exits)}, xs, repeats)
