@@ -47,6 +47,7 @@ from offramp.data import load_mnist
 from offramp.policies import ThresholdPolicy
 from offramp.report import format_table
 from offramp.runtime import EarlyExitRuntime
+from offramp.timing import paired_ratio
 from runtime import batches, build, time_all
 
 
@@ -68,11 +69,10 @@ def measure(
     rel_time = path_s / path_s[-1]
     latency_pred = 1.0 / float(fractions @ rel_time)
     flops_pred = 1.0 / float(fractions @ rel_flops)
-    overhead = [a / b for a, b in zip(passes["never"], passes["plain"], strict=True)]
     return {
         "widths": list(widths),
-        "overhead_no_exit": statistics.median(overhead),
-        "overhead_passes": overhead,
+        "overhead_no_exit": paired_ratio(passes["never"], passes["plain"]),
+        "overhead_passes": [a / b for a, b in zip(passes["never"], passes["plain"], strict=True)],
         "plain_ms_per_batch": 1000 * statistics.median(passes["plain"]) / len(xs),
         "path_time_share": rel_time.tolist(),
         "path_flops_share": [float(v) for v in rel_flops],
