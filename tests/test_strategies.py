@@ -389,7 +389,7 @@ def test_sklearn_heads_work_with_policies_costs_and_runtime(estimator, tmp_path)
     clone = blenet(8, 4, exits_after=(0, 1), head="pool", seed=1)
     for i in range(2):
         clone.heads[i] = SklearnHead(estimator, 4)
-    clone.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=False))
+    clone.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     assert torch.equal(clone(x).stack(), net(x).stack())
 
 

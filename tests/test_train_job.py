@@ -224,8 +224,7 @@ def test_idx_dataset_from_data_dir(tmp_path):
     assert resolved["head"] == "linear" and resolved["exits"] is None
 
 
-def test_sklearn_heads_survive_model_pt_only_with_allow_pickle(tmp_path):
-    from offramp.errors import DataError
+def test_sklearn_heads_survive_model_pt_without_pickle(tmp_path):
     from offramp.heads import SklearnHead
 
     cfg = _write_yaml(
@@ -239,11 +238,51 @@ def test_sklearn_heads_survive_model_pt_only_with_allow_pickle(tmp_path):
         },
     )
     assert main(["train", cfg, "--quiet"]) == 0
-    with pytest.raises(DataError, match="allow_pickle=True"):
-        load_model(tmp_path / "out" / "model.pt")
-    net = load_model(tmp_path / "out" / "model.pt", allow_pickle=True)
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)  # no pickle inside
+    assert state["state_dict"]["heads.0._extra_state"]["skops"].dtype == torch.uint8
+    net = load_model(tmp_path / "out" / "model.pt")
     assert isinstance(net.heads[0], SklearnHead) and net.heads[0].fitted
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     data = load_datasets(load_config(tmp_path / "out" / "config.json"))
     acc = ExitRecord.collect(net, data.test).exit_accuracy().tolist()
     assert acc == pytest.approx(metrics["exit_accuracies"])
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: stands in for any code a crafted file would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("where", ["checkpoint.pt", "backbone/checkpoint.pt", "model.pt"])
+def test_crafted_files_in_a_run_never_execute_code(tmp_path, where, capsys):
+    """Resuming (`train`, `place`) or analysing (`evaluate`) reads .pt files with
+    weights_only=True: a pickle payload is refused with one line, never run."""
+    from offramp.errors import CheckpointError, DataError
+
+    out = tmp_path / "out"
+    marker = tmp_path / "pwned"
+    target = out / where
+    target.parent.mkdir(parents=True)
+    torch.save({"epoch": 1, "payload": _Payload(marker)}, target)
+    if where == "checkpoint.pt":
+        cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "output_dir": str(out)})
+        code = main(["train", cfg, "--quiet"])
+    elif where == "model.pt":
+        (out / "config.json").write_text(json.dumps({**SMALL, "lr": 3e-3}))
+        code = main(["evaluate", str(out)])
+    else:
+        cfg = _write_yaml(
+            tmp_path / "p.yaml", {"train": SMALL, "head_epochs": 1, "output_dir": str(out)}
+        )
+        code = main(["place", cfg, "--quiet"])
+    assert code == 2 and not marker.exists()
+    err = capsys.readouterr().err
+    assert err.startswith("offramp: error:") and str(target) in err
+    with pytest.raises((CheckpointError, DataError)):
+        (load_checkpoint if where != "model.pt" else load_model)(target)
+    assert not marker.exists()

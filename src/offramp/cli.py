@@ -87,7 +87,7 @@ def _place(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from offramp.runs import evaluate_run, format_evaluation
 
-    r = evaluate_run(args.run_dir, allow_pickle=args.allow_pickle, cost=args.cost)
+    r = evaluate_run(args.run_dir, cost=args.cost)
     print(format_evaluation(r))
     return 0
 
@@ -100,7 +100,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         target_drop_pp=args.target_drop,
         budget=args.budget,
         confidence=args.confidence,
-        allow_pickle=args.allow_pickle,
         cost=args.cost,
     )
     print(format_calibration(r))
@@ -110,11 +109,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _run_dir_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a directory written by `offramp train`")
     p.add_argument("--cost", choices=["flops", "latency"], default="flops")
-    p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="load scikit-learn heads (pickled) from model.pt; only for files you trust",
-    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from offramp.errors import ConfigError
+from offramp.errors import ConfigError, DataError
 
 __all__ = [
     "HEADS",
     "SKLEARN_ESTIMATORS",
+    "TRUSTED_SKLEARN_TYPES",
     "HeadFactory",
     "MixedPool2d",
     "SklearnHead",
     "conv_head",
     "linear_head",
+    "load_sklearn_estimator",
     "make_head",
     "make_sklearn_estimator",
     "max_avg_pool2d",
@@ -271,6 +274,56 @@ def make_sklearn_estimator(name: str, seed: int = 0) -> object:
     raise ConfigError(f"unknown scikit-learn head {name!r}; choose one of {SKLEARN_ESTIMATORS}")
 
 
+#: Types that scikit-learn estimators of :data:`SKLEARN_ESTIMATORS` hold beyond what skops
+#: trusts by default; :func:`load_sklearn_estimator` accepts these and no others.
+TRUSTED_SKLEARN_TYPES: tuple[str, ...] = (
+    "sklearn.tree._tree.Tree",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+)
+
+
+def _skops_io() -> Any:
+    try:
+        import skops.io
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigError(
+            "saving or loading scikit-learn heads needs skops: pip install 'offramp[sklearn]'"
+        ) from exc
+    return skops.io
+
+
+def load_sklearn_estimator(data: bytes, trusted: Sequence[str] = ()) -> object:
+    """An estimator from ``skops`` bytes, trusting skops's defaults,
+    :data:`TRUSTED_SKLEARN_TYPES` and ``trusted`` only (never pickle).
+
+    Raises:
+        DataError: the bytes are not skops, or hold a type nobody trusted (the message lists
+            them; pass their names as ``trusted`` once you have checked the file's source).
+
+    Example:
+        >>> import numpy as np, skops.io
+        >>> est = make_sklearn_estimator("tree").fit(np.eye(3), [0, 1, 2])
+        >>> type(load_sklearn_estimator(skops.io.dumps(est))).__name__
+        'DecisionTreeClassifier'
+    """
+    sio = _skops_io()
+    allowed = [*TRUSTED_SKLEARN_TYPES, *trusted]
+    try:
+        untrusted = [t for t in sio.get_untrusted_types(data=data) if t not in allowed]
+    except Exception as exc:  # skops raises several types on bytes that are not its format
+        raise DataError(
+            f"a scikit-learn head's state is not in skops format ({type(exc).__name__}: {exc})"
+        ) from exc
+    if untrusted:
+        raise DataError(
+            f"a scikit-learn head's state holds types offramp does not trust: {untrusted}; if "
+            "you trust the file, load the estimator with load_sklearn_estimator(data, "
+            "trusted=[...]) naming them"
+        )
+    return sio.loads(data, trusted=allowed)
+
+
 class SklearnHead(nn.Module):
     """A non-neural exit head: any scikit-learn classifier on pooled features of ``h_i``.
 
@@ -280,7 +333,8 @@ class SklearnHead(nn.Module):
     gradient and cannot be traced (``traceable = False``; the runtime's ``"script"`` mode
     refuses it). Its FLOPs are not visible to ``torch.utils.flop_counter``; :meth:`extra_flops`
     gives an estimate that :func:`offramp.costs.count_flops` adds. The fitted estimator is kept
-    in the module's state dict (``get_extra_state``), so checkpoints carry it.
+    in the module's state dict (``get_extra_state``) in scikit-learn's secure ``skops`` format,
+    so checkpoints carry it and read back without pickle.
 
     Args:
         estimator: an unfitted scikit-learn classifier, or a name in
@@ -361,16 +415,32 @@ class SklearnHead(nn.Module):
         return int(batch * (per + d_scale))
 
     def get_extra_state(self) -> dict[str, object]:
-        return {
-            "estimator": self.estimator,
+        """The fitted estimator in scikit-learn's secure ``skops`` format, as a ``uint8``
+        tensor, beside the head's settings: a checkpoint holding it reads back with
+        ``torch.load(..., weights_only=True)``, no pickle involved."""
+        state: dict[str, object] = {
             "fitted": self.fitted,
             "dim": self._dim,
             "pool_size": self.pool_size,
             "num_classes": self.num_classes,
         }
+        if self.fitted:
+            state["skops"] = torch.frombuffer(
+                bytearray(_skops_io().dumps(self.estimator)), dtype=torch.uint8
+            )
+        return state
 
     def set_extra_state(self, state: dict[str, object]) -> None:
-        self.estimator = state["estimator"]
+        if "estimator" in state:  # offramp < 0.2 pickled the estimator
+            raise DataError(
+                "this SklearnHead state holds a pickled estimator (written by an older offramp), "
+                "which offramp no longer reads: retrain the heads (strategy 'heads' with sklearn)"
+            )
+        if "skops" in state:
+            blob = state["skops"]
+            if not isinstance(blob, Tensor) or blob.dtype != torch.uint8:
+                raise DataError("SklearnHead state: 'skops' must be a uint8 tensor of skops bytes")
+            self.estimator = load_sklearn_estimator(blob.numpy().tobytes())
         self.fitted = bool(state["fitted"])
         self._dim = int(state["dim"])  # type: ignore[arg-type]
         self.pool_size = int(state.get("pool_size", self.pool_size))  # type: ignore[arg-type]

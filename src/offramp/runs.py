@@ -63,7 +63,7 @@ class LoadedRun(NamedTuple):
     gates: tuple[nn.Module, ...] | None
 
 
-def load_run(run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "flops") -> LoadedRun:
+def load_run(run_dir: str | Path, *, cost: str = "flops") -> LoadedRun:
     """The records, costs and (for gated runs) gates of a run written by ``offramp train``."""
     from offramp.training.job import load_config, load_datasets, load_model_and_gates
 
@@ -72,7 +72,7 @@ def load_run(run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "fl
         if not (run / f).is_file():
             raise DataError(f"{run} has no {f}: is it a directory written by `offramp train`?")
     cfg = load_config(run / "config.json")
-    net, gates = load_model_and_gates(run / "model.pt", allow_pickle=allow_pickle)
+    net, gates = load_model_and_gates(run / "model.pt")
     data = load_datasets(cfg)
     if len(data.val[1]) == 0:
         raise ConfigError(
@@ -103,11 +103,9 @@ def _write(out: Path, name: str, result: dict[str, Any]) -> Path:
     return path
 
 
-def evaluate_run(
-    run_dir: str | Path, *, allow_pickle: bool = False, cost: str = "flops", plot: bool = True
-) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, *, cost: str = "flops", plot: bool = True) -> dict[str, Any]:
     """Everything :mod:`offramp.analysis` says about the run, written to ``analysis/``."""
-    val, test, cum, info, gates = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
+    val, test, cum, info, gates = load_run(run_dir, cost=cost)
     temps = fit_temperatures(val)
     scorers = {
         "entropy+T": ("entropy", temperature_scorers("entropy", temps)),
@@ -137,7 +135,6 @@ def calibrate_run(
     target_drop_pp: float | None = None,
     budget: float | None = None,
     confidence: float | None = None,
-    allow_pickle: bool = False,
     cost: str = "flops",
     plot: bool = True,
 ) -> dict[str, Any]:
@@ -146,7 +143,7 @@ def calibrate_run(
     if (target_drop_pp is None) == (budget is None):
         raise ConfigError("give exactly one of --target-drop (percentage points) or --budget")
     delta = None if target_drop_pp is None else target_drop_pp / 100
-    val, test, cum, info, gates = load_run(run_dir, allow_pickle=allow_pickle, cost=cost)
+    val, test, cum, info, gates = load_run(run_dir, cost=cost)
     policies = calibrate_policies(
         val, cum, delta=delta, budget=budget, confidence=confidence, feature_scorers=gates
     )

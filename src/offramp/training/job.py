@@ -30,7 +30,6 @@ import io
 import json
 import math
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -208,44 +207,39 @@ def _resolved(cfg: TrainConfig, net: MultiExitNetwork) -> TrainConfig:
     return dataclasses.replace(cfg, **updates)
 
 
-def _read_model(path: Path, allow_pickle: bool) -> dict[str, Any]:
+def _read_model(path: Path) -> dict[str, Any]:
+    """``model.pt`` read with ``weights_only=True`` (no pickle: a crafted file runs no code)."""
     try:
-        return torch.load(path, weights_only=not allow_pickle)
-    except pickle.UnpicklingError as exc:
-        raise DataError(
-            f"{path} holds pickled objects (scikit-learn heads?); if you trust the file, load "
-            "it with load_model(path, allow_pickle=True)"
-        ) from exc
+        return torch.load(path, weights_only=True)
     except Exception as exc:
         raise DataError(
             f"{path} is not a model written by `offramp train` ({type(exc).__name__}: {exc})"
         ) from exc
 
 
-def load_gates(path: str | Path, *, allow_pickle: bool = False) -> tuple[Any, ...] | None:
+def load_gates(path: str | Path) -> tuple[Any, ...] | None:
     """The gates of recursive gating saved in ``model.pt`` by a run trained with strategy
     ``gated`` or ``cost``, as :class:`~offramp.policies.GateScorer` s for policies,
     calibration and the runtime (see :meth:`GatedTraining.gate_scorers`); ``None`` for other
     runs."""
-    return _gates(_read_model(Path(path), allow_pickle))
+    return _gates(_read_model(Path(path)))
 
 
-def load_model(path: str | Path, *, allow_pickle: bool = False) -> MultiExitNetwork:
+def load_model(path: str | Path) -> MultiExitNetwork:
     """Rebuild the network saved as ``model.pt`` by :func:`run_training` (in eval mode).
+
+    The file is read without pickle; scikit-learn heads are stored in the skops format and
+    read back with :func:`offramp.heads.load_sklearn_estimator`.
 
     Args:
         path: the ``model.pt`` file.
-        allow_pickle: needed for models with scikit-learn heads (strategy ``heads`` with
-            ``sklearn``), whose estimators are pickled; only for files you trust.
     """
-    return _network(_read_model(Path(path), allow_pickle))
+    return _network(_read_model(Path(path)))
 
 
-def load_model_and_gates(
-    path: str | Path, *, allow_pickle: bool = False
-) -> tuple[MultiExitNetwork, tuple[Any, ...] | None]:
+def load_model_and_gates(path: str | Path) -> tuple[MultiExitNetwork, tuple[Any, ...] | None]:
     """:func:`load_model` and :func:`load_gates` from one read of ``model.pt``."""
-    state = _read_model(Path(path), allow_pickle)
+    state = _read_model(Path(path))
     return _network(state), _gates(state)
 
 

@@ -146,9 +146,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+    """Read a checkpoint written by :func:`save_checkpoint`, with ``weights_only=True``: a
+    checkpoint holds tensors, numbers, strings, lists and dicts only, so a crafted file cannot
+    run code when a run resumes from it."""
     try:
-        return torch.load(Path(path), weights_only=False)
+        return torch.load(Path(path), weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); delete it to "
