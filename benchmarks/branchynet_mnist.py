@@ -19,7 +19,6 @@ Data: ``$OFFRAMP_DATA/mnist`` (default ``../shared/data/mnist``) with the four I
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from offramp import files
 from offramp.data import Splits, load_mnist
 from offramp.experiment import CONTRACT_KEYS, ExperimentConfig, run_experiment
 from offramp.models import blenet
@@ -64,7 +64,7 @@ def write_json(results: dict[str, dict], args: argparse.Namespace) -> Path:
     }
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    files.write_json(path, out)
     return path
 
 

@@ -22,7 +22,6 @@ Data: ``$OFFRAMP_DATA/fashion-mnist`` (default ``../shared/data``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from _common import cnn_fit_config, dataset_root
 from offramp.data import load_mnist
 from offramp.evaluation import ExitRecord
+from offramp.files import write_json
 from offramp.models import resnet
 from offramp.placement import (
     Record,
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if head == heads[0]:  # the contract's rows: the first head design
             out.update(head=head, rows=r["rows"], final_accuracy=r["final_accuracy"])
         out.update(args=vars(args), torch=torch.__version__)
-        path.write_text(json.dumps(out, indent=2))
+        write_json(path, out)
         print(f"\n=== {head} heads", r["text"], sep="\n")
     print(f"results written to {path}")
     return 0

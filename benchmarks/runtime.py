@@ -52,7 +52,6 @@ Data: ``$OFFRAMP_DATA/mnist`` and ``$OFFRAMP_DATA/fashion-mnist`` (default ``../
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -71,6 +70,7 @@ from offramp.costs import profile
 from offramp.data import load_mnist
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord, simulate
+from offramp.files import write_json
 from offramp.models import resnet
 from offramp.policies import ThresholdPolicy
 from offramp.report import format_table
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- {ds}", file=sys.stderr)
         results[ds] = run_dataset(ds, root, args)
         out = {**results, "args": vars(args), "memory_kept": kept, "torch": torch.__version__}
-        path.write_text(json.dumps(out, indent=2))
+        write_json(path, out)
     if results:
         print(table(results))
         print(

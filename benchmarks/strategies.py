@@ -27,7 +27,6 @@ Data: ``$OFFRAMP_DATA/fashion-mnist`` (default ``../shared/data/fashion-mnist``)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -44,6 +43,7 @@ from offramp.costs import profile
 from offramp.data import load_mnist
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord, simulate
+from offramp.files import write_json
 from offramp.models import blenet
 from offramp.report import format_table
 from offramp.training import STRATEGIES, FitConfig, train
@@ -248,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- {name}", file=sys.stderr)
         row = run_one(name, strategy, opts, data, args)
         out["rows" if name == strategy else "variants"].append(row)
-        path.write_text(json.dumps(out, indent=2))  # after every strategy: nothing lost
+        write_json(path, out)  # after every strategy: nothing lost
     out["environment"] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    path.write_text(json.dumps(out, indent=2))
+    write_json(path, out)
     print()
     print(table(out["rows"] + out["variants"]))
     print(

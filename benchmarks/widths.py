@@ -31,7 +31,6 @@ Data: ``$OFFRAMP_DATA/fashion-mnist`` (default ``../shared/data``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -44,6 +43,7 @@ from _common import dataset_root
 from offramp.allocator import keep_freed_memory
 from offramp.costs import profile
 from offramp.data import load_mnist
+from offramp.files import write_json
 from offramp.policies import ThresholdPolicy
 from offramp.report import format_table
 from offramp.runtime import EarlyExitRuntime
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             widths, args.head, xs, fractions, args.repeats
         )
         out = {"results": results, "args": vars(args), "memory_kept": kept}
-        path.write_text(json.dumps({**out, "torch": torch.__version__}, indent=2))
+        write_json(path, {**out, "torch": torch.__version__})
 
     def shares(r: dict[str, Any], key: str) -> str:
         return " / ".join(f"{v:.3f}" for v in r[key][:-1])

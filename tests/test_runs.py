@@ -123,3 +123,33 @@ def test_gated_run_saves_its_gates_and_calibrate_uses_them(gated_run, run_dir, c
     assert main(["evaluate", str(gated_run)]) == 0
     ev = json.loads((gated_run / "analysis" / "evaluate.json").read_text())
     assert ev["gates"] is True
+
+
+def test_a_write_that_fails_keeps_the_previous_results(run_dir, tmp_path):
+    """A file-size limit (what a full disk does to a write) stops `offramp calibrate` with one
+    line; the previous calibrate.json stays intact and valid, no temporary is left behind."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    assert main(["calibrate", str(run_dir), "--target-drop", "0.5"]) == 0
+    before = (run_dir / "analysis" / "calibrate.json").read_bytes()
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "offramp.cli", "calibrate", str(run_dir), "--target-drop", "1"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not write" in lines[0] and "calibrate.json" in lines[0]
+    assert (run_dir / "analysis" / "calibrate.json").read_bytes() == before
+    assert not [p.name for p in (run_dir / "analysis").iterdir() if p.name.endswith(".tmp")]

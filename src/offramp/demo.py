@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 from offramp.data.digits import load_digits_splits
 from offramp.evaluation import ExitRecord
 from offramp.experiment import ExperimentConfig, run_experiment
+from offramp.files import write_json
 from offramp.models import blenet
 from offramp.report import format_table, plot_tradeoff, tradeoff_curve
 from offramp.training.loop import FitConfig
@@ -143,7 +143,5 @@ def run_demo(
         plot_tradeoff(plot_path, curve, points=points, title="B-LeNet on digits: accuracy vs cost")
         result["plot"] = str(plot_path)
     if json_path is not None:
-        p = Path(json_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(result, indent=2))
+        write_json(json_path, result)
     return result

@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "OfframpError",
     "ShapeError",
+    "WriteError",
 ]
 
 
@@ -39,3 +40,8 @@ class DataError(OfframpError, ValueError):
 
 class CheckpointError(OfframpError, RuntimeError):
     """A checkpoint could not be written or does not match the run being resumed."""
+
+
+class WriteError(OfframpError, OSError):
+    """A result file could not be written (disk full, read-only directory, a value JSON cannot
+    hold); the previous file is intact."""

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from offramp._progress import progress
 from offramp.costs import expected_cost
 from offramp.errors import DataError, ShapeError
+from offramp.files import read_torch, save_torch
 from offramp.network import MultiExitNetwork, check_input
 from offramp.policies import ExitPolicy, decide, get_criterion
 
@@ -202,12 +203,16 @@ class ExitRecord:
         }
 
     def save(self, path: str | Path) -> None:
+        """Write the record to ``path`` atomically (:func:`offramp.files.save_torch`)."""
         d = {"logits": self.logits, "labels": self.labels, "feature_scores": self.feature_scores}
-        torch.save(d, Path(path))
+        save_torch(path, d)
 
     @classmethod
     def load(cls, path: str | Path) -> ExitRecord:
-        d = torch.load(Path(path), weights_only=True)
+        """A record written by :meth:`save` (read without pickle)."""
+        d = read_torch(path)
+        if not isinstance(d, dict) or "logits" not in d or "labels" not in d:
+            raise DataError(f"{path} is not an ExitRecord written by ExitRecord.save")
         return cls(d["logits"], d["labels"], d.get("feature_scores"))
 
 

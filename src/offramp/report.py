@@ -1,16 +1,53 @@
-"""Plots and text tables of early-exit results (matplotlib is imported lazily, Agg backend)."""
+"""Every plot and text table of offramp's results.
+
+matplotlib is imported lazily, here only, with the Agg backend; figures are written atomically
+(:func:`offramp.files.save_figure`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
+from offramp.files import save_figure
 from offramp.policies import ThresholdPolicy
 
-__all__ = ["format_table", "plot_tradeoff", "tradeoff_curve"]
+__all__ = [
+    "format_table",
+    "plot_pareto",
+    "plot_placement",
+    "plot_policies",
+    "plot_tradeoff",
+    "tradeoff_curve",
+]
+
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "8"]
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or a ConfigError saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigError("plots need matplotlib: pip install 'offramp[plot]'") from exc
+    return plt
+
+
+def _save(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    plt = _pyplot()
+    try:
+        fig.tight_layout()
+        return save_figure(fig, path, **kwargs)
+    finally:
+        plt.close(fig)
 
 
 def tradeoff_curve(
@@ -47,14 +84,7 @@ def plot_tradeoff(
         points: label -> (relative cost, accuracy) to mark.
         title: plot title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    fig, ax = _pyplot().subplots(figsize=(6, 4.2), dpi=120)
     ax.plot(curve[:, 0], curve[:, 1], "-", color="0.4", lw=1.5, label="shared-threshold sweep")
     markers = ["*", "s", "o", "^", "D", "v"]
     for k, (label, (x, y)) in enumerate(points.items()):
@@ -64,10 +94,79 @@ def plot_tradeoff(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_pareto(
+    points: Sequence[tuple[float, float]],
+    front: Sequence[tuple[float, float]],
+    oracle: tuple[float, float],
+    path: str | Path,
+    title: str = "accuracy–cost",
+) -> Path:
+    """Every policy's ``(relative cost, accuracy)``, the Pareto front and the oracle, as PNG."""
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    ax.scatter([c for c, _ in points], [a for _, a in points], s=8, alpha=0.35, label="policies")
+    ax.plot(
+        [c for c, _ in front], [a for _, a in front], "-o", ms=3, color="C3", label="Pareto front"
+    )
+    ax.scatter([oracle[0]], [oracle[1]], marker="*", s=120, color="k", label="oracle")
+    ax.set_xlabel("expected cost / full network")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    return _save(fig, path, dpi=120)
+
+
+def plot_policies(result: dict[str, Any], path: str | Path) -> Path:
+    """``offramp calibrate``'s picture: each policy's test accuracy against its relative cost,
+    one marker per policy named in the legend (policies that land on the same spot stay
+    readable), the oracle and the final exit's accuracy."""
+    fig, ax = _pyplot().subplots(figsize=(7.5, 4.2))
+    for k, row in enumerate(result["policies"]):
+        ax.scatter(
+            row["relative_cost"],
+            row["test_accuracy"],
+            s=40,
+            marker=_MARKERS[k % len(_MARKERS)],
+            facecolors="none" if k >= 10 else None,
+            color=f"C{k % 10}",
+            label=row["policy"],
+        )
+    o = result["oracle"]
+    ax.scatter([o["relative_cost"]], [o["accuracy"]], marker="*", s=140, color="k", label="oracle")
+    ax.axhline(
+        result["final_exit_accuracy"], color="grey", lw=0.8, ls="--", label="final exit alone"
+    )
+    ax.set_xlabel("expected cost / full network (test)")
+    ax.set_ylabel("accuracy (test)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path, dpi=120)
+
+
+def plot_placement(
+    rules: Sequence[tuple[str, float, float]],
+    path: str | Path,
+    *,
+    subsets: Sequence[tuple[float, float]] = (),
+    unit: str = "flops",
+    target_drop: float = 0.0,
+) -> Path:
+    """``offramp place``'s picture: each rule's ``(name, relative cost, accuracy)`` on test,
+    over every exhaustive subset's point on validation when given."""
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    if len(subsets):
+        ax.scatter([c for c, _ in subsets], [100 * a for _, a in subsets], s=6, c="0.75",
+                   label="every subset (validation)")  # fmt: skip
+    for k, (name, cost, acc) in enumerate(rules):
+        ax.scatter([cost], [100 * acc], s=40, marker=_MARKERS[k % len(_MARKERS)],
+                   label=f"{name} (test)")  # fmt: skip
+    ax.set_xlabel(f"expected cost / plain backbone ({unit})")
+    ax.set_ylabel("accuracy %")
+    ax.set_title(f"exit placement at ≤ {target_drop} pp drop")
+    ax.legend(fontsize=7)
+    return _save(fig, path, dpi=120)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -18,7 +18,6 @@ Costs are FLOPs (``torch.utils.flop_counter``) or measured latency per exit (``-
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +30,8 @@ from offramp.confidence import fit_learned_confidence, fit_temperatures, tempera
 from offramp.costs import profile
 from offramp.errors import ConfigError, DataError
 from offramp.evaluation import ExitRecord
-from offramp.report import format_table
+from offramp.files import write_json
+from offramp.report import format_table, plot_policies
 from offramp.timing import exit_latencies
 
 __all__ = [
@@ -96,13 +96,6 @@ def load_run(run_dir: str | Path, *, cost: str = "flops") -> LoadedRun:
     return LoadedRun(val, test, np.asarray(cum, dtype=np.float64), info, gates)
 
 
-def _write(out: Path, name: str, result: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps(result, indent=2))
-    return path
-
-
 def evaluate_run(run_dir: str | Path, *, cost: str = "flops", plot: bool = True) -> dict[str, Any]:
     """Everything :mod:`offramp.analysis` says about the run, written to ``analysis/``."""
     val, test, cum, info, gates = load_run(run_dir, cost=cost)
@@ -123,7 +116,7 @@ def evaluate_run(run_dir: str | Path, *, cost: str = "flops", plot: bool = True)
         "pareto": front.to_dict(),
     }
     out = Path(run_dir) / "analysis"
-    result["json"] = str(_write(out, "evaluate.json", result))
+    result["json"] = str(write_json(out / "evaluate.json", result))
     if plot:
         result["plot"] = str(front.plot(out / "pareto.png", title="test split"))
     return result
@@ -149,32 +142,10 @@ def calibrate_run(
     )
     result = {**info, **report(policies, test, cum, delta=delta, budget=budget)}
     out = Path(run_dir) / "analysis"
-    result["json"] = str(_write(out, "calibrate.json", result))
+    result["json"] = str(write_json(out / "calibrate.json", result))
     if plot:
-        result["plot"] = str(_plot_policies(result, out / "calibrate.png"))
+        result["plot"] = str(plot_policies(result, out / "calibrate.png"))
     return result
-
-
-def _plot_policies(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in result["policies"]:
-        ax.scatter(row["relative_cost"], row["test_accuracy"], s=20)
-        ax.annotate(row["policy"], (row["relative_cost"], row["test_accuracy"]), fontsize=7)
-    o = result["oracle"]
-    ax.scatter([o["relative_cost"]], [o["accuracy"]], marker="*", s=120, color="k")
-    ax.annotate("oracle", (o["relative_cost"], o["accuracy"]), fontsize=7)
-    ax.axhline(result["final_exit_accuracy"], color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("expected cost / full network (test)")
-    ax.set_ylabel("accuracy (test)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def format_evaluation(r: dict[str, Any]) -> str:

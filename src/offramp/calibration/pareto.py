@@ -21,7 +21,6 @@ from torch import nn
 from offramp.analysis import oracle_summary
 from offramp.calibration.grid import record_scores
 from offramp.calibration.target import ThresholdCalibrator
-from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
 from offramp.policies import ExitPolicy, PatiencePolicy, ThresholdPolicy, decide
 
@@ -81,41 +80,17 @@ class ParetoFront:
         }
 
     def plot(self, path: str | Path, title: str = "accuracy–cost") -> Path:
-        """Write the points, the front and the oracle as a PNG (needs matplotlib)."""
-        try:
-            import matplotlib
+        """Write the points, the front and the oracle as a PNG (needs matplotlib; see
+        :func:`offramp.report.plot_pareto`)."""
+        from offramp.report import plot_pareto
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConfigError("plots need matplotlib: pip install 'offramp[plot]'") from exc
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter(
-            [p.relative_cost for p in self.points],
-            [p.accuracy for p in self.points],
-            s=8,
-            alpha=0.35,
-            label="policies",
+        return plot_pareto(
+            [(p.relative_cost, p.accuracy) for p in self.points],
+            [(p.relative_cost, p.accuracy) for p in self.front],
+            (self.oracle[1], self.oracle[0]),
+            path,
+            title,
         )
-        ax.plot(
-            [p.relative_cost for p in self.front],
-            [p.accuracy for p in self.front],
-            "-o",
-            ms=3,
-            color="C3",
-            label="Pareto front",
-        )
-        ax.scatter([self.oracle[1]], [self.oracle[0]], marker="*", s=120, color="k", label="oracle")
-        ax.set_xlabel("expected cost / full network")
-        ax.set_ylabel("accuracy")
-        ax.set_title(title)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
 
 
 def _point(

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from offramp.errors import ConfigError
+from offramp.errors import ConfigError, DataError
+from offramp.files import read_torch, save_torch, write_json
 from offramp.placement.estimate import (
     COSTS,
     cost_profile,
@@ -155,9 +155,12 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     weights = hashlib.sha256((Path(tcfg.output_dir) / "model.pt").read_bytes()).hexdigest()
     key = json.dumps([weights, cfg.head, cand.exit_blocks, cfg.head_epochs,
                       cfg.head_train_limit, tcfg.batch_size, tcfg.lr, tcfg.seed])  # fmt: skip
-    saved = torch.load(cand_path, weights_only=True) if cand_path.is_file() else None
+    try:  # a cache: an unreadable file is retrained over
+        saved = read_torch(cand_path) if cand_path.is_file() else None
+    except DataError:
+        saved = None
     early = cand.heads[:-1]
-    if saved is not None and saved.get("key") == key:
+    if isinstance(saved, dict) and saved.get("key") == key:
         early.load_state_dict(saved["heads"])  # the heads only: the backbone is model.pt's
     else:
         train_candidate_heads(
@@ -170,7 +173,7 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
             seed=tcfg.seed,
             show_progress=tcfg.show_progress,
         )
-        torch.save({"key": key, "heads": early.state_dict()}, cand_path)
+        save_torch(cand_path, {"key": key, "heads": early.state_dict()})
     cand.eval()
     x = splits.val[0][: cfg.batch_size]
     rows = cost_profile(cand, x)
@@ -215,34 +218,27 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     }
     result["json"] = str(out / "placement.json")
     result["plot"] = str(_plot(placements, cands, val, cfg, out / "placement.png"))
-    Path(result["json"]).write_text(json.dumps(result, indent=2, default=float))
+    write_json(result["json"], result)
     return result
 
 
 def _plot(placements: Any, cands: Any, val: Any, cfg: PlaceConfig, path: Path) -> Path:
-    import matplotlib
+    from offramp.report import plot_placement
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    subsets: list[tuple[float, float]] = []
     if cands.num - 1 <= 12:
         from offramp.placement.problem import Record, operating_points
 
         rec = Record.from_exit_record(val, cfg.criterion)
         pts = operating_points(cands, rec, np.arange(1 << (cands.num - 1)), cfg.target_drop / 100)
-        ax.scatter([p.cost for p in pts], [100 * p.accuracy for p in pts], s=6, c="0.75",
-                   label="every subset (validation)")  # fmt: skip
-    for p in placements:
-        ax.scatter([p.cost], [100 * p.accuracy], s=40, label=f"{p.rule} (test)")
-    ax.set_xlabel(f"expected cost / plain backbone ({cands.unit})")
-    ax.set_ylabel("accuracy %")
-    ax.set_title(f"exit placement at ≤ {cfg.target_drop} pp drop")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        subsets = [(p.cost, p.accuracy) for p in pts]
+    return plot_placement(
+        [(p.rule, p.cost, p.accuracy) for p in placements],
+        path,
+        subsets=subsets,
+        unit=cands.unit,
+        target_drop=cfg.target_drop,
+    )
 
 
 def format_placement(r: dict[str, Any]) -> str:

@@ -24,9 +24,7 @@ batch with DDP and only rank 0 writes files; :func:`launch` starts such a run on
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -42,6 +40,7 @@ from torch import Tensor
 
 from offramp.data.digits import Splits
 from offramp.errors import ConfigError, DataError
+from offramp.files import read_torch, save_torch, write_csv, write_json, write_text
 from offramp.heads import SklearnHead
 from offramp.network import MultiExitNetwork
 from offramp.training.config import DATASETS, TrainConfig, load_config
@@ -66,6 +65,9 @@ DIGITS_TEST_FRACTION = 0.2
 
 #: Strategies whose gates (recursive gating, eq. 9) are saved in ``model.pt`` as ``gates``.
 GATED = ("gated", "cost")
+
+# What model.pt must hold.
+_MODEL_KEYS = ("config", "in_size", "num_classes", "state_dict")
 
 # Keys that may differ between a run and the run it resumes.
 _RESUME_FREE = ("output_dir", "resume", "show_progress", "data_dir")
@@ -209,12 +211,15 @@ def _resolved(cfg: TrainConfig, net: MultiExitNetwork) -> TrainConfig:
 
 def _read_model(path: Path) -> dict[str, Any]:
     """``model.pt`` read with ``weights_only=True`` (no pickle: a crafted file runs no code)."""
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as exc:
+    state = read_torch(path)
+    missing = [k for k in _MODEL_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
         raise DataError(
-            f"{path} is not a model written by `offramp train` ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"{path} is not a model written by `offramp train`: it lacks {missing}; retrain "
+            "the run or point at its model.pt"
+        )
+    state["path"] = str(path)
+    return state
 
 
 def load_gates(path: str | Path) -> tuple[Any, ...] | None:
@@ -249,7 +254,15 @@ def _network(state: dict[str, Any]) -> MultiExitNetwork:
     net = build_network(cfg, int(state["in_size"]), num_classes)
     for i in state.get("sklearn_heads", []):
         net.heads[i] = SklearnHead("logistic", num_classes)  # estimator replaced on load
-    net.load_state_dict(state["state_dict"])
+    try:
+        net.load_state_dict(state["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()
+        raise DataError(
+            f"{state.get('path', 'model.pt')} does not fit the network its config describes "
+            f"({first[0] if first else type(exc).__name__}…); the file was changed or written "
+            "by another version: retrain the run"
+        ) from exc
     return net.eval()
 
 
@@ -297,36 +310,21 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return cols
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
 def _write_history(out: Path, rows: list[dict[str, Any]]) -> None:
     cols = _columns(rows)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in rows:
-        w.writerow(["" if r.get(c) is None else r[c] for c in cols])
-    _write_atomic(out / "history.csv", buf.getvalue())
-    _write_json(out / "history.json", [{c: r.get(c) for c in cols} for r in rows])
+    write_csv(out / "history.csv", cols, [[r.get(c) for c in cols] for r in rows])
+    write_json(out / "history.json", [{c: r.get(c) for c in cols} for r in rows])
 
 
 def _write_config(out: Path, cfg: TrainConfig) -> None:
     d = cfg.to_dict()
-    _write_json(out / "config.json", d)
+    write_json(out / "config.json", d)
     try:
         import yaml
     except ImportError:
         return
     text = "# resolved config of this run; `offramp train` on this file resumes it\n"
-    _write_atomic(out / "config.yaml", text + yaml.safe_dump(d, sort_keys=False))
+    write_text(out / "config.yaml", text + yaml.safe_dump(d, sort_keys=False))
 
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:
@@ -459,9 +457,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             }
             if gated is not None:
                 model["gates"] = gated.gates_state()  # type: ignore[attr-defined]
-            torch.save(model, out / "model.pt.tmp")
-            os.replace(out / "model.pt.tmp", out / "model.pt")
-            _write_json(out / "metrics.json", metrics)
+            save_torch(out / "model.pt", model)
+            write_json(out / "metrics.json", metrics)
         barrier()
         return metrics
     finally:

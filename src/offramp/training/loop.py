@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from offramp._progress import progress
-from offramp.errors import CheckpointError, ConfigError
+from offramp.errors import CheckpointError, ConfigError, DataError
 from offramp.evaluation import ExitRecord
+from offramp.files import read_torch, save_torch
 from offramp.network import MultiExitNetwork
 from offramp.training.distributed import (
     all_reduce_sum,
@@ -134,15 +134,13 @@ class EpochLog:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` with ``torch.save`` atomically: a temporary file, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+    """Write ``state`` atomically (:func:`offramp.files.save_torch`): on any failure the
+    previous checkpoint is intact and no temporary file is left.
+
+    Raises:
+        WriteError: the checkpoint could not be written (disk full, read-only directory).
+    """
+    save_torch(path, state)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -150,12 +148,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     checkpoint holds tensors, numbers, strings, lists and dicts only, so a crafted file cannot
     run code when a run resumes from it."""
     try:
-        return torch.load(Path(path), weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); delete it to "
-            "start over"
-        ) from exc
+        return read_torch(path)
+    except DataError as exc:
+        raise CheckpointError(f"checkpoint {exc}; delete it to start over") from exc
 
 
 def _trainable(net: nn.Module, strategy: object) -> list[nn.Parameter]:
