@@ -29,7 +29,7 @@ import torch
 
 from offramp import files
 from offramp.data import Splits, load_mnist
-from offramp.experiment import CONTRACT_KEYS, ExperimentConfig, run_experiment
+from offramp.jobs.experiment import CONTRACT_KEYS, ExperimentConfig, run_experiment
 from offramp.models import blenet
 from offramp.report import format_table
 from offramp.runtime import MODES

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from offramp.cli import main
-from offramp.experiment import CONTRACT_KEYS
+from offramp.jobs.experiment import CONTRACT_KEYS
 
 
 @pytest.mark.parametrize("mode", ["eager", "script"])

@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from offramp.demo import DemoConfig, format_results, run_demo
+    from offramp.jobs.demo import DemoConfig, format_results, run_demo
 
     cfg = DemoConfig(
         epochs=args.epochs,
@@ -38,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
-    from offramp.training.job import format_summary, launch, load_config, run_training
+    from offramp.jobs.train import format_summary, launch, load_config, run_training
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be ≥ 1, got {args.nproc}")
@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
 def _place(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from offramp.placement.job import format_placement, load_place_config, run_placement
+    from offramp.jobs.place import format_placement, load_place_config, run_placement
 
     cfg = load_place_config(args.config)
     if args.output_dir is not None:
@@ -85,7 +85,7 @@ def _place(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from offramp.runs import evaluate_run, format_evaluation
+    from offramp.jobs.evaluate import evaluate_run, format_evaluation
 
     r = evaluate_run(args.run_dir, cost=args.cost)
     print(format_evaluation(r))
@@ -93,7 +93,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from offramp.runs import calibrate_run, format_calibration
+    from offramp.jobs.evaluate import calibrate_run, format_calibration
 
     r = calibrate_run(
         args.run_dir,
@@ -112,8 +112,8 @@ def _run_dir_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from offramp.demo import DemoConfig
     from offramp.heads import HEADS
+    from offramp.jobs.demo import DemoConfig
     from offramp.policies import CRITERIA
     from offramp.runtime import MODES
 

@@ -1,17 +1,28 @@
-"""Reference backbones with exits. :data:`MODELS` maps names to small default builders."""
+"""Reference backbones with exits. :data:`MODELS` maps names to small default builders;
+:func:`build_model` builds one by name with the settings a config gives."""
 
 from collections.abc import Callable
+from functools import partial
 
+from offramp.models.build import BACKBONES, Backbone, build_model
 from offramp.models.lenet import BRANCHYNET_HEAD, blenet
 from offramp.models.mlp import mlp
 from offramp.models.resnet import resnet
 from offramp.network import MultiExitNetwork
 
-__all__ = ["BRANCHYNET_HEAD", "MODELS", "blenet", "mlp", "resnet"]
+__all__ = [
+    "BACKBONES",
+    "BRANCHYNET_HEAD",
+    "MODELS",
+    "Backbone",
+    "blenet",
+    "build_model",
+    "mlp",
+    "resnet",
+]
 
-#: name -> builder ``(in_size, num_classes) -> MultiExitNetwork`` for 1-channel square images.
+#: name -> builder ``(in_size, num_classes) -> MultiExitNetwork`` for 1-channel square images,
+#: each with its defaults (:data:`BACKBONES`).
 MODELS: dict[str, Callable[[int, int], MultiExitNetwork]] = {
-    "blenet": lambda size, c: blenet(size, c, exits_after=(0, 1)),
-    "mlp": lambda size, c: mlp((1, size, size), c, hidden=(64, 64, 64)),
-    "resnet": lambda size, c: resnet(size, c, widths=(8, 16, 32), blocks_per_stage=(2, 2, 2)),
+    name: partial(build_model, name) for name in BACKBONES
 }

@@ -8,7 +8,7 @@ Typical use::
     for p in place(cands, ExitRecord.collect(cand_net, val), ExitRecord.collect(cand_net, test)):
         print(p.rule, p.exits, p.cost, p.accuracy)
 
-``offramp place CONFIG`` runs the same from a config file (:mod:`offramp.placement.job`).
+``offramp place CONFIG`` runs the same from a config file (:mod:`offramp.jobs.place`).
 """
 
 from offramp.placement.estimate import (

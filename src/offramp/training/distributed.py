@@ -14,7 +14,6 @@ file (no TCP port to pick, so no race with other sockets on the machine).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,37 +44,29 @@ def world_info() -> tuple[int, int]:
 
 
 def init_process_group(
-    rank: int | None = None,
-    world_size: int | None = None,
+    rank: int,
+    world_size: int,
     *,
     port: int | None = None,
     init_file: str | None = None,
     backend: str = "gloo",
 ) -> tuple[int, int]:
-    """Join the process group: from ``torchrun``'s environment when arguments are omitted, or,
-    for ranks started by hand, through a shared file (``init_file``: no port to choose, nothing
-    to collide with — what the tests use) or on 127.0.0.1:``port``.
+    """Join the process group as ``rank`` of ``world_size``: through a shared file
+    (``init_file``: no port to choose, nothing to collide with — what the tests use), on
+    127.0.0.1:``port``, or, with neither, at the address ``torchrun`` published
+    (``env://``). The caller says who this rank is (``offramp train`` reads it from
+    ``torchrun``'s environment); this function reads and writes no environment variable.
 
     Returns:
         ``(rank, world size)``.
     """
-    if rank is None or world_size is None:
-        try:
-            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        except KeyError as exc:
-            raise ConfigError(
-                f"no {exc.args[0]} in the environment: start the ranks with torchrun (or "
-                "`offramp train CONFIG --nproc N`), or pass rank and world_size"
-            ) from exc
     if init_file is not None:
-        dist.init_process_group(
-            backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
-        )
-        return rank, world_size
-    if port is not None:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+        init_method = f"file://{init_file}"
+    elif port is not None:
+        init_method = f"tcp://127.0.0.1:{port}"
+    else:
+        init_method = "env://"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     return rank, world_size
 
 

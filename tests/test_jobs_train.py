@@ -12,7 +12,7 @@ import torch
 from offramp.cli import main
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
-from offramp.training.job import (
+from offramp.jobs.train import (
     TrainConfig,
     build_network,
     load_config,

@@ -39,7 +39,7 @@ CONTRACT_KEYS = (
     "exit_fractions",
 )
 
-log = logging.getLogger("offramp.experiment")
+log = logging.getLogger("offramp.jobs.experiment")
 
 
 @dataclass

@@ -10,10 +10,10 @@ from offramp.analysis import oracle_saving_captured, overthinking
 from offramp.calibration import calibrate_policies
 from offramp.cli import main
 from offramp.evaluation import ExitRecord
+from offramp.jobs.evaluate import load_run
+from offramp.jobs.train import load_config, load_datasets, load_gates, load_model
 from offramp.policies import decide
-from offramp.runs import load_run
 from offramp.runtime import EarlyExitRuntime
-from offramp.training.job import load_config, load_datasets, load_gates, load_model
 
 yaml = pytest.importorskip("yaml")
 

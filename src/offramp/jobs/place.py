@@ -29,6 +29,7 @@ import numpy as np
 
 from offramp.errors import ConfigError, DataError
 from offramp.files import read_torch, save_torch, write_json
+from offramp.jobs.config import TrainConfig, read_mapping, typed_fields
 from offramp.placement.estimate import (
     COSTS,
     cost_profile,
@@ -39,7 +40,6 @@ from offramp.placement.estimate import (
 from offramp.placement.place import RULES, place, placement_table
 from offramp.placement.problem import Candidates
 from offramp.placement.rules import SDN_FRACTIONS
-from offramp.training.config import TrainConfig, read_mapping, typed_fields
 
 __all__ = ["PlaceConfig", "format_placement", "load_place_config", "run_placement"]
 
@@ -141,7 +141,7 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
         What ``placement.json`` holds.
     """
     from offramp.evaluation import ExitRecord
-    from offramp.training.job import load_datasets, load_model, run_training
+    from offramp.jobs.train import load_datasets, load_model, run_training
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import numpy as np
 
 from offramp.data.digits import load_digits_splits
 from offramp.evaluation import ExitRecord
-from offramp.experiment import ExperimentConfig, run_experiment
 from offramp.files import write_json
+from offramp.jobs.experiment import ExperimentConfig, run_experiment
 from offramp.models import blenet
 from offramp.report import format_table, plot_tradeoff, tradeoff_curve
 from offramp.training.loop import FitConfig

@@ -65,7 +65,7 @@ class LoadedRun(NamedTuple):
 
 def load_run(run_dir: str | Path, *, cost: str = "flops") -> LoadedRun:
     """The records, costs and (for gated runs) gates of a run written by ``offramp train``."""
-    from offramp.training.job import load_config, load_datasets, load_model_and_gates
+    from offramp.jobs.train import load_config, load_datasets, load_model_and_gates
 
     run = Path(run_dir)
     for f in ("model.pt", "config.json"):

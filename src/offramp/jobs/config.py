@@ -17,13 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from offramp._values import to_float, to_int
+from offramp.data.splits import DATASETS
 from offramp.errors import ConfigError
 from offramp.training.loop import FitConfig
 
-__all__ = ["DATASETS", "TrainConfig", "load_config"]
-
-#: Datasets a config may name. ``digits`` ships with scikit-learn; the others are IDX files.
-DATASETS = ("digits", "mnist", "fashion-mnist")
+__all__ = [
+    "DATASETS",
+    "TrainConfig",
+    "did_you_mean",
+    "load_config",
+    "read_mapping",
+    "require_yaml",
+    "typed_fields",
+]
 
 
 @dataclass
@@ -45,7 +51,7 @@ class TrainConfig:
         val_fraction: share of the training samples held out, stratified by class and seeded
             by ``seed``, to report per-exit validation accuracy after every epoch; ``0`` for
             none. For ``digits`` the test split is a fixed stratified 20 % of the 1,797 images.
-        backbone: reference network, a name in :data:`offramp.models.MODELS` (``blenet``,
+        backbone: reference network, a name in :data:`offramp.models.BACKBONES` (``blenet``,
             ``mlp``, ``resnet``).
         exits: block indices that carry early exits (``blenet``: any of 0, 1, 2; ``resnet``:
             0 … 5); ``None`` keeps the backbone's default. ``mlp`` has an exit after every
@@ -92,12 +98,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from offramp.heads import HEADS
-        from offramp.models import MODELS
+        from offramp.models import BACKBONES
         from offramp.training.registry import OPTIONS, STRATEGIES, coerce_options
 
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("dataset", self.dataset, DATASETS)
-        _choice("backbone", self.backbone, tuple(MODELS))
+        _choice("backbone", self.backbone, tuple(BACKBONES))
         _choice("optimizer", self.optimizer, ("adam", "sgd"))
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         if self.head is not None:
@@ -107,7 +113,7 @@ class TrainConfig:
             if key not in allowed:
                 raise ConfigError(
                     f"strategy {self.strategy!r} does not take option {key!r}"
-                    f"{_did_you_mean(key, allowed)}; it takes {list(allowed)}"
+                    f"{did_you_mean(key, allowed)}; it takes {list(allowed)}"
                 )
         self.options = coerce_options(self.strategy, self.options)
         limit_ok = self.train_limit is None or self.train_limit >= 2
@@ -186,14 +192,19 @@ def typed_fields(cls: type, d: Any, what: str) -> dict[str, Any]:
     for key, value in d.items():
         if key not in names:
             raise ConfigError(
-                f"unknown config key {key!r}{_did_you_mean(str(key), names)}; valid keys "
-                f"are {names}"
+                f"unknown config key {key!r}{did_you_mean(str(key), names)}; valid keys are {names}"
             )
         kwargs[key] = _convert(key, value, hints[key])
     return kwargs
 
 
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to ``word``, else ``""``.
+
+    Example:
+        >>> did_you_mean("epoch", ["epochs", "lr"])
+        " (did you mean 'epochs'?)"
+    """
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -201,7 +212,7 @@ def _did_you_mean(word: str, choices: Sequence[str]) -> str:
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(
-            f"unknown {name} {value!r}{_did_you_mean(str(value), choices)}; choose one of "
+            f"unknown {name} {value!r}{did_you_mean(str(value), choices)}; choose one of "
             f"{list(choices)}"
         )
 
