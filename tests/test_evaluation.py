@@ -68,3 +68,10 @@ def test_collect_matches_forward(cnn, digits_x):
         full = cnn(digits_x).stack()
     torch.testing.assert_close(rec.logits, full)
     assert rec.labels.tolist() == y.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.bool], ids=str)
+def test_collect_refuses_a_batch_of_the_wrong_dtype(cnn, digits_x, dtype):
+    y = torch.arange(64) % 10
+    with pytest.raises(ShapeError, match=r"dtype torch\.float32.*x\.float\(\)"):
+        ExitRecord.collect(cnn, (digits_x.to(dtype), y))

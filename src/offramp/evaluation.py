@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from offramp._progress import progress
 from offramp.costs import expected_cost
 from offramp.errors import DataError, ShapeError
-from offramp.network import MultiExitNetwork, check_input
+from offramp.network import MultiExitNetwork, check_input, input_dtype
 from offramp.policies import ExitPolicy, decide, get_criterion
 
 __all__ = ["Decisions", "ExitRecord", "exit_histogram", "iterate_batches", "simulate"]
@@ -118,11 +118,12 @@ class ExitRecord:
         was_training = net.training
         net.eval()
         batches, total = iterate_batches(data, batch_size)
+        dtype = input_dtype(net)
         logits: list[Tensor] = []
         labels: list[Tensor] = []
         scores: list[Tensor] = []
         for x, y in progress(batches, total=total, desc="record", enabled=show_progress):
-            check_input(x, net.input_shape)
+            check_input(x, net.input_shape, dtype=dtype)
             if feature_scorers is None:
                 outs = net(x)
             else:
