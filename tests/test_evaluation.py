@@ -1,10 +1,12 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from offramp import ExitRecord, ThresholdPolicy, simulate
-from offramp.errors import DataError, NonFiniteError, ShapeError
-from offramp.evaluation import exit_histogram
+from offramp.errors import ConfigError, DataError, NonFiniteError, ShapeError
+from offramp.evaluation import check_batch_size, exit_histogram, iterate_batches
 
 
 def _record() -> ExitRecord:
@@ -120,3 +122,21 @@ def test_a_refused_batch_leaves_the_network_in_its_mode(cnn, digits_x):
     with pytest.raises(DataError):
         ExitRecord.collect(cnn, (digits_x, torch.full((64,), 99)))
     assert cnn.training
+
+
+@pytest.mark.parametrize("bs", [0, -1, 2.5, True, "8", None])
+def test_batch_size_below_one_or_not_whole_is_a_config_error(cnn, digits_x, bs):
+    y = torch.arange(64) % 10
+    with pytest.raises(
+        ConfigError, match=r"batch_size must be a whole number ≥ 1, got " + re.escape(repr(bs))
+    ):
+        ExitRecord.collect(cnn, (digits_x, y), batch_size=bs)
+    # the one check, whatever form the data has
+    with pytest.raises(ConfigError, match="batch_size"):
+        iterate_batches([(digits_x, y)], bs)
+    assert check_batch_size(np.int64(3)) == 3
+
+
+def test_collect_accepts_a_numpy_batch_size(cnn, digits_x):
+    rec = ExitRecord.collect(cnn, (digits_x, torch.arange(64) % 10), batch_size=np.int64(20))
+    assert rec.num_samples == 64

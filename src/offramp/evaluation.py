@@ -7,6 +7,7 @@ array work on that record, with no further forward passes.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +18,46 @@ from torch import Tensor, nn
 
 from offramp._progress import progress
 from offramp.costs import expected_cost
-from offramp.errors import DataError, NonFiniteError, ShapeError
+from offramp.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from offramp.network import MultiExitNetwork, check_input, input_dtype
 from offramp.policies import ExitPolicy, decide, get_criterion
 
-__all__ = ["Decisions", "ExitRecord", "exit_histogram", "iterate_batches", "simulate"]
+__all__ = [
+    "Decisions",
+    "ExitRecord",
+    "check_batch_size",
+    "exit_histogram",
+    "iterate_batches",
+    "simulate",
+]
+
+
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` as an int, or ``ConfigError`` unless it is a whole number ≥ 1 (a bool is
+    not).
+
+    Example:
+        >>> check_batch_size(256)
+        256
+    """
+    if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
+        if int(batch_size) >= 1:
+            return int(batch_size)
+    raise ConfigError(
+        f"batch_size must be a whole number ≥ 1, got {batch_size!r}: it is the number of "
+        "samples per forward pass, e.g. batch_size=256"
+    )
 
 
 def iterate_batches(
     data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]], batch_size: int
 ) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
-    """Batches of ``(x, y)`` from a pair of tensors or any iterable of pairs, and their count."""
+    """Batches of ``(x, y)`` from a pair of tensors or any iterable of pairs, and their count.
+
+    ``batch_size`` (checked by :func:`check_batch_size` in either case) splits a pair of
+    tensors; an iterable of pairs is used as it is.
+    """
+    batch_size = check_batch_size(batch_size)
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
         x, y = data
         if x.shape[0] != y.shape[0]:
@@ -150,6 +180,7 @@ class ExitRecord:
             ShapeError: a batch of the wrong shape or dtype (:func:`~offramp.network.check_input`).
             NonFiniteError: a batch, or the logits, hold NaN or infinite values.
             DataError: labels that are not integer class indices ``0 … C − 1``; no data.
+            ConfigError: ``batch_size`` is not a whole number ≥ 1.
         """
         if feature_scorers is not None and len(feature_scorers) != net.num_exits - 1:
             raise ShapeError(
