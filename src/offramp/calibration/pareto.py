@@ -19,6 +19,7 @@ import numpy as np
 from torch import nn
 
 from offramp.analysis import oracle_summary
+from offramp.calibration.checks import check_cumulative
 from offramp.calibration.grid import record_scores
 from offramp.calibration.target import ThresholdCalibrator
 from offramp.errors import ConfigError
@@ -151,7 +152,7 @@ def pareto_front(
         num_sweep: shared-threshold values per criterion.
         deltas: accuracy targets of the per-exit calibrations.
     """
-    rel = np.asarray(cumulative, dtype=np.float64)
+    rel = check_cumulative(cumulative, record.num_exits)
     rel = rel / rel[-1]
     e = record.num_exits
     sets: list[tuple[str, str, Sequence[nn.Module] | None]] = [(c, c, None) for c in criteria]

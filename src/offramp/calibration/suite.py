@@ -23,6 +23,7 @@ from torch import nn
 
 from offramp.analysis import oracle_saving_captured, oracle_summary
 from offramp.calibration.budget import BudgetCalibrator
+from offramp.calibration.checks import check_cumulative, check_record
 from offramp.calibration.single import SingleThresholdCalibrator
 from offramp.calibration.target import ThresholdCalibrator, lower_bound
 from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
@@ -82,8 +83,9 @@ def calibrate_policies(
     """
     if (delta is None) == (budget is None):
         raise ConfigError("give exactly one goal: delta (target accuracy) or budget (cost)")
-    rel = np.asarray(cumulative, dtype=np.float64)
+    rel = check_cumulative(cumulative, val.num_exits)
     rel = rel / rel[-1]
+    check_record(val, stacklevel=3)
     correct = val.correct()  # (E, N), once for every family
     n, final_n = val.num_samples, int(correct[-1].sum())
     final = final_n / n
@@ -165,7 +167,7 @@ def report(
     budget: float | None = None,
 ) -> dict[str, Any]:
     """Every calibrated policy measured on ``test``, with the oracle for reference."""
-    rel = np.asarray(cumulative, dtype=np.float64)
+    rel = check_cumulative(cumulative, test.num_exits)
     rel = rel / rel[-1]
     final = float(test.correct()[-1].double().mean())
     oracle = oracle_summary(test, rel)
