@@ -267,3 +267,52 @@ def test_a_two_sample_record_calibrates_without_a_warning():
         warnings.simplefilter("error")
         for make in CALIBRATORS.values():
             make().fit(_record(0).subset(slice(0, 2)), CUM[3])
+
+
+NAN = float("nan")
+
+
+GOALS = [
+    ({"delta": NAN}, r"delta.*got nan"),
+    ({"budget": NAN}, r"budget.*got nan"),
+    ({"budget": 1.5}, r"budget.*\(0, 1\].*got 1.5"),
+    ({"delta": 0.05, "budget": 0.5}, r"exactly one goal"),
+    ({}, r"exactly one goal"),
+]
+
+
+@pytest.mark.parametrize(
+    "goal, match", [*GOALS, ({"delta": 0.05, "confidence": NAN}, r"confidence.*got nan")]
+)
+def test_policy_suite_refuses_nan_goals_before_they_reach_a_results_file(goal, match):
+    from offramp.calibration import calibrate_policies
+
+    with pytest.raises(ConfigError, match=match):
+        calibrate_policies(_record(0), CUM[3], **goal)
+
+
+@pytest.mark.parametrize("goal, match", GOALS)
+def test_report_refuses_nan_goals_before_they_reach_a_results_file(goal, match):
+    from offramp.calibration import report
+
+    with pytest.raises(ConfigError, match=match):
+        report([], _record(0), CUM[3], **goal)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: ThresholdCalibrator(delta=NAN), r"delta.*got nan"),
+        (lambda: ThresholdCalibrator(confidence=NAN), r"confidence.*got nan"),
+        (lambda: BudgetCalibrator(budget=NAN), r"budget.*got nan"),
+        (lambda: SingleThresholdCalibrator(delta=NAN), r"delta.*got nan"),
+    ],
+)
+def test_calibrators_refuse_nan_arguments(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make().fit(_record(0), CUM[3])
+
+
+def test_pareto_front_refuses_a_nan_delta():
+    with pytest.raises(ConfigError, match=r"delta.*got nan"):
+        pareto_front(_record(0), CUM[3], deltas=(0.0, NAN))
