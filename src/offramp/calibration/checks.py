@@ -60,6 +60,8 @@ def check_cumulative(cumulative: object, num_exits: int) -> np.ndarray:
     elif cum[-1] <= 0:
         problem = "positive at the final exit (C_L > 0: relative costs divide by it)"
     if problem is not None:
+        if problem.startswith("non-decreasing"):  # measured latencies can dip by timing noise
+            fix += "; for measured latencies, time more repeats or take np.maximum.accumulate"
         raise ConfigError(f"cumulative costs must be {problem}, got {cum.tolist()}; {fix}")
     return cum
 
