@@ -19,7 +19,7 @@ from offramp.calibration import (
     pareto_front,
 )
 from offramp.confidence import fit_temperatures, temperature_scorers
-from offramp.errors import ConfigError
+from offramp.errors import ConfigError, DataError
 
 
 def _record(seed: int, e: int = 3, n: int = 60, c: int = 4, skill: float = 2.0) -> ExitRecord:
@@ -204,3 +204,115 @@ def test_policy_suite_honours_the_confidence_level():
             assert sure[name].val_cost >= plain[name].val_cost - 1e-12, name
     # the bound costs something: some family had to keep more samples going
     assert any(sure[n].val_cost > plain[n].val_cost for n in sure if n != "patience")
+
+
+CALIBRATORS = {
+    "target": lambda: ThresholdCalibrator("entropy", 0.05),
+    "budget": lambda: BudgetCalibrator("entropy", 0.9),
+    "single": lambda: SingleThresholdCalibrator("entropy", 0.05),
+}
+BAD_COSTS = {
+    "decreasing": ([1.0, 3.0, 2.0], r"non-decreasing"),
+    "negative": ([-1.0, 2.5, 4.0], r"≥ 0"),
+    "nan": ([1.0, float("nan"), 4.0], r"finite"),
+    "inf": ([1.0, 2.5, float("inf")], r"finite"),
+    "zero total": ([0.0, 0.0, 0.0], r"C_L > 0"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_COSTS))
+@pytest.mark.parametrize("name", list(CALIBRATORS))
+def test_calibrators_refuse_costs_that_are_not_cumulative(name, bad):
+    cum, match = BAD_COSTS[bad]
+    with pytest.raises(ConfigError, match=r"cumulative costs must be.*" + match) as info:
+        CALIBRATORS[name]().fit(_record(0), np.array(cum))
+    assert "profile(net, x).cumulative" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", list(BAD_COSTS))
+def test_policy_suite_pareto_and_report_refuse_bad_costs_up_front(bad):
+    from offramp.calibration import calibrate_policies, report
+
+    cum = np.array(BAD_COSTS[bad][0])
+    rec = _record(0)
+    with pytest.raises(ConfigError, match="cumulative costs must be"):
+        calibrate_policies(rec, cum, delta=0.05)
+    with pytest.raises(ConfigError, match="cumulative costs must be"):
+        report([], rec, cum, delta=0.05)
+    with pytest.raises(ConfigError, match="cumulative costs must be"):
+        pareto_front(rec, cum)
+
+
+@pytest.mark.parametrize("delta", [1.5, 5, -2, float("nan"), float("inf")])
+def test_single_threshold_refuses_delta_outside_minus_one_to_one(delta):
+    with pytest.raises(
+        ConfigError, match=r"delta is the accuracy loss.*\(-1, 1\), got " + str(delta)
+    ):
+        SingleThresholdCalibrator("entropy", delta).fit(_record(0), CUM[3])
+
+
+@pytest.mark.parametrize("name", list(CALIBRATORS))
+def test_a_one_sample_record_warns_and_an_empty_one_is_refused(name):
+    rec = _record(0)
+    with pytest.warns(UserWarning, match=r"1 sample.*no cut between two scores"):
+        CALIBRATORS[name]().fit(rec.subset(slice(0, 1)), CUM[3])
+    with pytest.raises(DataError, match="no samples"):
+        CALIBRATORS[name]().fit(rec.subset(slice(0, 0)), CUM[3])
+
+
+def test_a_two_sample_record_calibrates_without_a_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for make in CALIBRATORS.values():
+            make().fit(_record(0).subset(slice(0, 2)), CUM[3])
+
+
+NAN = float("nan")
+
+
+GOALS = [
+    ({"delta": NAN}, r"delta.*got nan"),
+    ({"budget": NAN}, r"budget.*got nan"),
+    ({"budget": 1.5}, r"budget.*\(0, 1\].*got 1.5"),
+    ({"delta": 0.05, "budget": 0.5}, r"exactly one goal"),
+    ({}, r"exactly one goal"),
+]
+
+
+@pytest.mark.parametrize(
+    "goal, match", [*GOALS, ({"delta": 0.05, "confidence": NAN}, r"confidence.*got nan")]
+)
+def test_policy_suite_refuses_nan_goals_before_they_reach_a_results_file(goal, match):
+    from offramp.calibration import calibrate_policies
+
+    with pytest.raises(ConfigError, match=match):
+        calibrate_policies(_record(0), CUM[3], **goal)
+
+
+@pytest.mark.parametrize("goal, match", GOALS)
+def test_report_refuses_nan_goals_before_they_reach_a_results_file(goal, match):
+    from offramp.calibration import report
+
+    with pytest.raises(ConfigError, match=match):
+        report([], _record(0), CUM[3], **goal)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: ThresholdCalibrator(delta=NAN), r"delta.*got nan"),
+        (lambda: ThresholdCalibrator(confidence=NAN), r"confidence.*got nan"),
+        (lambda: BudgetCalibrator(budget=NAN), r"budget.*got nan"),
+        (lambda: SingleThresholdCalibrator(delta=NAN), r"delta.*got nan"),
+    ],
+)
+def test_calibrators_refuse_nan_arguments(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make().fit(_record(0), CUM[3])
+
+
+def test_pareto_front_refuses_a_nan_delta():
+    with pytest.raises(ConfigError, match=r"delta.*got nan"):
+        pareto_front(_record(0), CUM[3], deltas=(0.0, NAN))

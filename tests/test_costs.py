@@ -5,6 +5,7 @@ from torch import nn
 
 from offramp import MultiExitNetwork, expected_cost, profile
 from offramp.costs import count_flops
+from offramp.errors import ShapeError
 
 
 def test_linear_flops_by_hand():
@@ -48,3 +49,9 @@ def test_eq12_by_hand():
 def test_profile_table_mentions_every_exit(cnn, digits_x):
     text = profile(cnn, digits_x[:2]).table()
     assert len(text.splitlines()) == 1 + cnn.num_exits
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.bool], ids=str)
+def test_profile_refuses_an_example_of_the_wrong_dtype(cnn, digits_x, dtype):
+    with pytest.raises(ShapeError, match=r"dtype torch\.float32.*x\.float\(\)"):
+        profile(cnn, digits_x[:2].to(dtype))

@@ -1,10 +1,12 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from offramp import ExitRecord, ThresholdPolicy, simulate
-from offramp.errors import ShapeError
-from offramp.evaluation import exit_histogram
+from offramp.errors import ConfigError, DataError, NonFiniteError, ShapeError
+from offramp.evaluation import check_batch_size, exit_histogram, iterate_batches
 
 
 def _record() -> ExitRecord:
@@ -68,3 +70,73 @@ def test_collect_matches_forward(cnn, digits_x):
         full = cnn(digits_x).stack()
     torch.testing.assert_close(rec.logits, full)
     assert rec.labels.tolist() == y.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.bool], ids=str)
+def test_collect_refuses_a_batch_of_the_wrong_dtype(cnn, digits_x, dtype):
+    y = torch.arange(64) % 10
+    with pytest.raises(ShapeError, match=r"dtype torch\.float32.*x\.float\(\)"):
+        ExitRecord.collect(cnn, (digits_x.to(dtype), y))
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (torch.tensor([0, 1, 99, 0]), r"label 99.*0 … 1.*2 classes"),
+        (torch.tensor([0, -1, 1, 0]), r"label -1.*0 … 1"),
+        (torch.tensor([0.0, 1.7, 1.0, 0.0]), r"integer class indices.*torch\.float32.*1\.7"),
+        (torch.tensor([0.0, 1.0, 1.0, 0.0]), r"torch\.float32.*y\.long\(\)"),
+        (torch.tensor([False, True, True, False]), r"torch\.bool.*y\.long\(\)"),
+    ],
+)
+def test_record_refuses_labels_that_are_not_class_indices(labels, match):
+    with pytest.raises(DataError, match=match):
+        ExitRecord(_record().logits, labels)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (torch.full((64,), 99), r"label 99.*0 … 9.*10 classes"),
+        (torch.full((64,), -1), r"label -1"),
+        (torch.full((64,), 1.7), r"integer class indices.*1\.7"),
+        (torch.ones(64), r"torch\.float32.*y\.long\(\)"),
+    ],
+)
+def test_collect_refuses_labels_that_are_not_class_indices(cnn, digits_x, labels, match):
+    with pytest.raises(DataError, match=match):
+        ExitRecord.collect(cnn, (digits_x, labels), batch_size=16)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_record_refuses_non_finite_logits(bad):
+    logits = _record().logits.clone()
+    logits[1, 2, 0] = bad
+    with pytest.raises(NonFiniteError, match=r"1 NaN or infinite.*exit 1, sample 2") as info:
+        ExitRecord(logits, _record().labels)
+    assert isinstance(info.value, DataError)
+
+
+def test_a_refused_batch_leaves_the_network_in_its_mode(cnn, digits_x):
+    cnn.train()
+    with pytest.raises(DataError):
+        ExitRecord.collect(cnn, (digits_x, torch.full((64,), 99)))
+    assert cnn.training
+
+
+@pytest.mark.parametrize("bs", [0, -1, 2.5, True, "8", None])
+def test_batch_size_below_one_or_not_whole_is_a_config_error(cnn, digits_x, bs):
+    y = torch.arange(64) % 10
+    with pytest.raises(
+        ConfigError, match=r"batch_size must be a whole number ≥ 1, got " + re.escape(repr(bs))
+    ):
+        ExitRecord.collect(cnn, (digits_x, y), batch_size=bs)
+    # the one check, whatever form the data has
+    with pytest.raises(ConfigError, match="batch_size"):
+        iterate_batches([(digits_x, y)], bs)
+    assert check_batch_size(np.int64(3)) == 3
+
+
+def test_collect_accepts_a_numpy_batch_size(cnn, digits_x):
+    rec = ExitRecord.collect(cnn, (digits_x, torch.arange(64) % 10), batch_size=np.int64(20))
+    assert rec.num_samples == 64

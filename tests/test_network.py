@@ -1,10 +1,13 @@
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from offramp import EarlyExitRuntime, MultiExitNetwork, ThresholdPolicy
-from offramp.errors import ConfigError, ShapeError
+from offramp.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from offramp.models import MODELS
+from offramp.network import check_input, input_dtype
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -73,10 +76,48 @@ def test_nan_input_is_refused(cnn, digits_x):
     x = digits_x.clone()
     x[3, 0, 2, 2] = float("nan")
     rt = EarlyExitRuntime(cnn, ThresholdPolicy.never(3))
-    with pytest.raises(ShapeError, match=r"\(64, 1, 8, 8\) contains 1 NaN"):
+    # bad values, not a bad shape: a NonFiniteError (a DataError, a ValueError)
+    with pytest.raises(NonFiniteError, match=r"\(64, 1, 8, 8\) contains 1 NaN"):
         rt(x)
-    with pytest.raises(ShapeError, match="NaN"):
+    with pytest.raises(NonFiniteError, match="NaN"):
         rt.run_one(x[3:4])
+    x[3, 0, 2, 2] = float("inf")
+    with pytest.raises(NonFiniteError, match="impute") as info:
+        check_input(x, (1, 8, 8))
+    assert isinstance(info.value, DataError) and isinstance(info.value, ValueError)
+    assert not isinstance(info.value, ShapeError)
+
+
+FIXES = {
+    torch.float64: "x.float()",
+    torch.float16: "x.float()",
+    torch.bfloat16: "x.float()",
+    torch.int64: "x.float()",
+    torch.bool: "x.float()",
+    torch.uint8: "x.float() / 255",
+}
+
+
+@pytest.mark.parametrize("dtype", list(FIXES), ids=str)
+def test_wrong_input_dtype_names_the_expected_dtype_and_the_fix(dtype):
+    x = torch.ones(2, 1, 8, 8, dtype=dtype)
+    with pytest.raises(ShapeError, match=r"torch\.float32.*" + re.escape(str(dtype))) as info:
+        check_input(x, (1, 8, 8), dtype=torch.float32)
+    assert FIXES[dtype] in str(info.value)
+    check_input(x, (1, 8, 8))  # no dtype given: not checked
+    check_input(x, (1, 8, 8), dtype=dtype)
+
+
+def test_input_dtype_is_the_parameters_dtype_unless_the_network_takes_indices(cnn):
+    assert input_dtype(cnn) == torch.float32
+    net = MultiExitNetwork([nn.Linear(2, 2)], {0: nn.Linear(2, 2)}).double()
+    assert input_dtype(net) == torch.float64
+    with pytest.raises(ShapeError, match=r"x\.double\(\)"):
+        check_input(torch.ones(1, 2), None, dtype=input_dtype(net))
+    # token ids go into an embedding: integer input is right, nothing to check
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten())
+    assert input_dtype(MultiExitNetwork([emb], {0: nn.Linear(8, 2)})) is None
+    assert input_dtype(MultiExitNetwork([nn.Flatten()], {0: nn.Flatten()})) is None
 
 
 def test_exit_index_out_of_range(cnn):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from offramp import EarlyExitRuntime, ExitRecord, ThresholdPolicy, profile, simulate
-from offramp.errors import ConfigError
+from offramp.errors import ConfigError, ShapeError
 from offramp.models import MODELS
 from offramp.runtime import bucket_size
 
@@ -41,6 +41,22 @@ def test_runtime_equals_simulation(name, criterion, q):
     one = [rt.run_one(x[i : i + 1]) for i in range(120)]
     np.testing.assert_array_equal([e for _, e, _ in one], sim.exits)
     np.testing.assert_array_equal([p for p, _, _ in one], sim.predictions)
+
+
+# The runtime validates with check_input(x, net.input_shape): it does not pass the network's
+# dtype (dtype=input_dtype(net)), so torch's own "Input type (double) and bias type (float)"
+# RuntimeError still comes first. runtime.py and pooled.py are outside this change; once they
+# pass the dtype this test passes and the strict xfail reports it: remove the marker then.
+@pytest.mark.xfail(
+    strict=True, raises=RuntimeError, reason="runtime.py does not pass dtype to check_input"
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.bool], ids=str)
+def test_runtime_refuses_a_batch_of_the_wrong_dtype(cnn, digits_x, dtype):
+    rt = EarlyExitRuntime(cnn, ThresholdPolicy.never(3))
+    with pytest.raises(ShapeError, match=r"dtype torch\.float32.*x\.float\(\)"):
+        rt(digits_x.to(dtype))
+    with pytest.raises(ShapeError, match=r"dtype torch\.float32.*x\.float\(\)"):
+        rt.run_one(digits_x[:1].to(dtype))
 
 
 def test_costs_per_sample(cnn, digits_x):

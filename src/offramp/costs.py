@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from offramp.network import MultiExitNetwork, check_input
+from offramp.network import MultiExitNetwork, check_input, input_dtype
 
 __all__ = ["CostProfile", "count_flops", "expected_cost", "profile"]
 
@@ -115,7 +115,7 @@ def profile(net: MultiExitNetwork, example_input: Tensor) -> CostProfile:
         >>> profile(net, torch.randn(1, 4)).cumulative.tolist()
         [48.0]
     """
-    check_input(example_input, net.input_shape)
+    check_input(example_input, net.input_shape, dtype=input_dtype(net))
     b = example_input.shape[0]
     was_training = net.training
     net.eval()

@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "DataError",
+    "NonFiniteError",
     "OfframpError",
     "ShapeError",
     "WriteError",
@@ -23,7 +24,7 @@ class OfframpError(Exception):
 
 
 class ShapeError(OfframpError, ValueError):
-    """A tensor has the wrong shape, dtype or contains non-finite values."""
+    """A tensor has the wrong shape or dtype."""
 
 
 class ConfigError(OfframpError, ValueError):
@@ -35,7 +36,13 @@ class ConversionError(OfframpError, ValueError):
 
 
 class DataError(OfframpError, ValueError):
-    """A data file is missing, corrupt or of the wrong format."""
+    """Data is missing, corrupt or invalid: a data file of the wrong format, labels that are not
+    class indices, an empty dataset."""
+
+
+class NonFiniteError(DataError):
+    """Data holds NaN or infinite values where finite numbers are needed (an input batch, the
+    logits of an ``ExitRecord``)."""
 
 
 class CheckpointError(OfframpError, RuntimeError):

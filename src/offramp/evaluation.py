@@ -7,6 +7,7 @@ array work on that record, with no further forward passes.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +18,47 @@ from torch import Tensor, nn
 
 from offramp._progress import progress
 from offramp.costs import expected_cost
-from offramp.errors import DataError, ShapeError
+from offramp.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from offramp.files import read_torch, save_torch
-from offramp.network import MultiExitNetwork, check_input
+from offramp.network import MultiExitNetwork, check_input, input_dtype
 from offramp.policies import ExitPolicy, decide, get_criterion
 
-__all__ = ["Decisions", "ExitRecord", "exit_histogram", "iterate_batches", "simulate"]
+__all__ = [
+    "Decisions",
+    "ExitRecord",
+    "check_batch_size",
+    "exit_histogram",
+    "iterate_batches",
+    "simulate",
+]
+
+
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` as an int, or ``ConfigError`` unless it is a whole number ≥ 1 (a bool is
+    not).
+
+    Example:
+        >>> check_batch_size(256)
+        256
+    """
+    if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
+        if int(batch_size) >= 1:
+            return int(batch_size)
+    raise ConfigError(
+        f"batch_size must be a whole number ≥ 1, got {batch_size!r}: it is the number of "
+        "samples per forward pass, e.g. batch_size=256"
+    )
 
 
 def iterate_batches(
     data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]], batch_size: int
 ) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
-    """Batches of ``(x, y)`` from a pair of tensors or any iterable of pairs, and their count."""
+    """Batches of ``(x, y)`` from a pair of tensors or any iterable of pairs, and their count.
+
+    ``batch_size`` (checked by :func:`check_batch_size` in either case) splits a pair of
+    tensors; an iterable of pairs is used as it is.
+    """
+    batch_size = check_batch_size(batch_size)
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
         x, y = data
         if x.shape[0] != y.shape[0]:
@@ -39,6 +69,31 @@ def iterate_batches(
         starts = range(0, n, batch_size)
         return ((x[s : s + batch_size], y[s : s + batch_size]) for s in starts), len(starts)
     return data, (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
+
+
+def _check_labels(labels: object, num_classes: int, offset: int = 0) -> None:
+    """Raise ``DataError`` unless ``labels`` are integer class indices in ``0 … num_classes − 1``
+    (``offset``: position of the first label in the dataset, for the message)."""
+    if not isinstance(labels, Tensor):
+        kind = type(labels).__name__
+        raise DataError(f"labels must be a torch.Tensor of class indices, got a {kind}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        whole = labels.is_floating_point() and bool((labels == labels.round()).all())
+        if labels.dtype == torch.bool or whole:
+            fix = "they are whole numbers: convert them with y.long()"
+        else:
+            bad = labels[labels != labels.round()][0].item()
+            fix = f"some are not whole numbers (e.g. {bad:g}): pass class ids, not scores"
+        raise DataError(f"labels must be integer class indices, got dtype {labels.dtype}; {fix}")
+    out = (labels < 0) | (labels >= num_classes)
+    if bool(out.any()):
+        first = int(out.nonzero()[0, 0])
+        raise DataError(
+            f"label {int(labels[first])} at sample {offset + first} is not in 0 … "
+            f"{num_classes - 1} ({int(out.sum())} of {labels.numel()} in its batch are not): the "
+            f"logits have {num_classes} classes; map the labels to 0 … {num_classes - 1}, or "
+            "give every exit one output per class"
+        )
 
 
 @dataclass(frozen=True)
@@ -59,8 +114,8 @@ class ExitRecord:
     """Logits of every exit on a dataset, with the labels.
 
     Attributes:
-        logits: ``(E, N, C)`` float32 on the CPU.
-        labels: ``(N,)`` int64.
+        logits: ``(E, N, C)`` float32 on the CPU, finite.
+        labels: ``(N,)`` int64, class indices in ``0 … C − 1``.
         feature_scores: optional ``(E − 1, N)`` scores of confidence models on the early exits'
             features (the gates of recursive gating), for policies that use them.
 
@@ -83,6 +138,16 @@ class ExitRecord:
                 f"ExitRecord.labels must be (N,) = ({self.logits.shape[1]},), "
                 f"got {tuple(self.labels.shape)}"
             )
+        finite = torch.isfinite(self.logits)
+        if not bool(finite.all()):
+            e, n, _ = (~finite).nonzero()[0].tolist()
+            raise NonFiniteError(
+                f"ExitRecord.logits {tuple(self.logits.shape)} hold {int((~finite).sum())} NaN "
+                f"or infinite values (the first at exit {e}, sample {n}); no accuracy or "
+                "calibration is meaningful on them: find where the network overflows (or the "
+                "input is not finite) and collect the record again"
+            )
+        _check_labels(self.labels, self.logits.shape[2])
         want = (self.logits.shape[0] - 1, self.logits.shape[1])
         if self.feature_scores is not None and tuple(self.feature_scores.shape) != want:
             raise ShapeError(
@@ -111,28 +176,39 @@ class ExitRecord:
             feature_scorers: one module per early exit scoring its features ``h_i`` (the gates
                 of recursive gating, :class:`~offramp.policies.GateScorer`); their scores are
                 kept as ``feature_scores``.
+
+        Raises:
+            ShapeError: a batch of the wrong shape or dtype (:func:`~offramp.network.check_input`).
+            NonFiniteError: a batch, or the logits, hold NaN or infinite values.
+            DataError: labels that are not integer class indices ``0 … C − 1``; no data.
+            ConfigError: ``batch_size`` is not a whole number ≥ 1.
         """
         if feature_scorers is not None and len(feature_scorers) != net.num_exits - 1:
             raise ShapeError(
                 f"got {len(feature_scorers)} feature scorers for {net.num_exits - 1} early exits"
             )
+        batches, total = iterate_batches(data, batch_size)
+        dtype = input_dtype(net)
         was_training = net.training
         net.eval()
-        batches, total = iterate_batches(data, batch_size)
         logits: list[Tensor] = []
         labels: list[Tensor] = []
         scores: list[Tensor] = []
-        for x, y in progress(batches, total=total, desc="record", enabled=show_progress):
-            check_input(x, net.input_shape)
-            if feature_scorers is None:
-                outs = net(x)
-            else:
-                feats, outs = net(x, return_features=True)
-                rows = [sc(h) for sc, h in zip(feature_scorers, feats[:-1], strict=True)]
-                scores.append(torch.stack(rows).float().cpu())  # (E-1, B)
-            logits.append(outs.stack().float().cpu())  # (E, B, C)
-            labels.append(y.long().cpu())
-        net.train(was_training)
+        try:
+            for x, y in progress(batches, total=total, desc="record", enabled=show_progress):
+                check_input(x, net.input_shape, dtype=dtype)
+                if feature_scorers is None:
+                    outs = net(x)
+                else:
+                    feats, outs = net(x, return_features=True)
+                    rows = [sc(h) for sc, h in zip(feature_scorers, feats[:-1], strict=True)]
+                    scores.append(torch.stack(rows).float().cpu())  # (E-1, B)
+                stacked = outs.stack().float().cpu()  # (E, B, C)
+                _check_labels(y, stacked.shape[2], offset=sum(len(t) for t in labels))
+                logits.append(stacked)
+                labels.append(y.long().cpu())
+        finally:  # a refused batch leaves the network as it was
+            net.train(was_training)
         if not logits:
             raise DataError("cannot collect an ExitRecord from an empty dataset")
         fs = torch.cat(scores, dim=1) if scores else None

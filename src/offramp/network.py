@@ -14,9 +14,9 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from offramp.errors import ConfigError, ShapeError
+from offramp.errors import ConfigError, NonFiniteError, ShapeError
 
-__all__ = ["ExitOutputs", "MultiExitNetwork", "Stage", "check_input"]
+__all__ = ["ExitOutputs", "MultiExitNetwork", "Stage", "check_input", "input_dtype"]
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,55 @@ class Stage:
     head: nn.Module
 
 
-def check_input(x: Tensor, input_shape: tuple[int, ...] | None, *, finite: bool = True) -> None:
-    """Raise ``ShapeError`` when ``x`` is not a batch of ``input_shape`` or holds NaN/inf.
+_CASTS = {
+    torch.float32: "x.float()",
+    torch.float64: "x.double()",
+    torch.float16: "x.half()",
+    torch.bfloat16: "x.bfloat16()",
+}
+
+
+def input_dtype(net: nn.Module) -> torch.dtype | None:
+    """The dtype ``net`` computes in, which its input batches must have: that of its first
+    floating-point parameter (or buffer).
+
+    ``None`` (nothing to check) when it has none, or when its first block holds an
+    ``nn.Embedding`` / ``nn.EmbeddingBag``: such a network takes integer indices (token ids).
+
+    Example:
+        >>> from torch import nn
+        >>> input_dtype(nn.Linear(2, 2).double())
+        torch.float64
+    """
+    first = net.blocks[0] if isinstance(net, MultiExitNetwork) else net
+    if any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in first.modules()):
+        return None
+    for t in (*net.parameters(), *net.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def check_input(
+    x: Tensor,
+    input_shape: tuple[int, ...] | None,
+    *,
+    finite: bool = True,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Check that ``x`` is a batch the network can run: the one input check of offramp.
+
+    Raises:
+        ShapeError: ``x`` is not a tensor, not a batch of ``input_shape``, or not of ``dtype``
+            (the message names the conversion, e.g. ``x.float()``).
+        NonFiniteError: ``x`` holds NaN or infinite values (with ``finite``).
 
     Args:
         x: a batch, ``(B, *input_shape)``.
         input_shape: the per-sample shape the network expects, or ``None`` to skip the check.
         finite: also reject NaN and infinite values (one host sync per batch).
+        dtype: the dtype the network expects (:func:`input_dtype`), or ``None`` to skip the
+            check.
     """
     if not isinstance(x, Tensor):
         raise ShapeError(f"expected a torch.Tensor input, got {type(x).__name__}")
@@ -81,9 +123,17 @@ def check_input(x: Tensor, input_shape: tuple[int, ...] | None, *, finite: bool 
         elif x.dim() == len(input_shape):
             hint = "; the batch dimension may be missing (x.unsqueeze(0) or x.unsqueeze(1))"
         raise ShapeError(f"expected input of shape {want}, got {tuple(x.shape)}{hint}")
+    if dtype is not None and x.dtype != dtype:
+        fix = _CASTS.get(dtype, f"x.to({dtype})")
+        if x.dtype == torch.uint8 and dtype.is_floating_point:
+            fix += " / 255 (8-bit pixel values: scale them as the training data was)"
+        raise ShapeError(
+            f"expected input of dtype {dtype} (the dtype of the network's parameters), got "
+            f"{x.dtype} (batch of shape {tuple(x.shape)}): convert the batch with {fix}"
+        )
     if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ShapeError(
+        raise NonFiniteError(
             f"input of shape {tuple(x.shape)} contains {bad} NaN or infinite values; "
             "clean or impute the data before running the network"
         )

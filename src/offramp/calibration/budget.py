@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
+from offramp.calibration.checks import check_budget
 from offramp.calibration.grid import GridResult, prepare, search
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
@@ -78,10 +79,7 @@ class BudgetCalibrator:
 
     def fit(self, record: ExitRecord, cumulative: np.ndarray) -> BudgetCalibrator:
         """Choose thresholds on ``record`` for exits costing ``cumulative`` (``(E,)``)."""
-        if not 0 < self.budget <= 1:
-            raise ConfigError(
-                f"budget is a fraction of the full network's cost, in (0, 1], got {self.budget}"
-            )
+        check_budget(self.budget)
         p = prepare(record, self.criterion, self.scorers, cumulative)
         cumulative, n = p.cumulative, record.num_samples
         cands = p.candidates(self.num_candidates)

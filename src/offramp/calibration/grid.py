@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from offramp.calibration.checks import check_cumulative, check_record
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
 from offramp.policies import exit_scores, get_criterion
@@ -78,14 +79,10 @@ def prepare(
     scorers: Sequence[nn.Module] | None,
     cumulative: np.ndarray,
 ) -> Problem:
-    """Check ``cumulative`` against ``record`` and score every exit once."""
-    cum = np.asarray(cumulative, dtype=np.float64)
-    e = record.num_exits
-    if cum.shape != (e,):
-        raise ConfigError(
-            f"cumulative costs must have one value per exit ({e}), got shape {cum.shape}; pass "
-            "profile(net, x).cumulative"
-        )
+    """Check ``cumulative`` against ``record`` and the record's size (no samples refused, one
+    warned about; :mod:`offramp.calibration.checks`), then score every exit once."""
+    cum = check_cumulative(cumulative, record.num_exits)
+    check_record(record)
     return Problem(
         cum,
         record_scores(record, criterion, scorers),

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import nn
 
+from offramp.calibration.checks import check_delta
 from offramp.calibration.grid import prepare
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
@@ -37,7 +38,8 @@ class SingleThresholdCalibrator:
 
     Args:
         criterion: criterion name (its direction, when ``scorers`` are given).
-        delta: accuracy loss allowed relative to the final exit on the calibration split.
+        delta: accuracy loss allowed relative to the final exit on the calibration split, in
+            ``(-1, 1)`` as for :class:`~offramp.calibration.ThresholdCalibrator`.
         tol: accuracy tolerance above the target at which the iteration stops.
         min_step: smallest gain before it stops.
         max_iter: iteration cap.
@@ -75,6 +77,7 @@ class SingleThresholdCalibrator:
     def fit(self, record: ExitRecord, cumulative: np.ndarray) -> SingleThresholdCalibrator:
         """Run the iteration on ``record`` for exits costing ``cumulative`` (``(E,)``)."""
         crit = get_criterion(self.criterion)
+        check_delta(self.delta)
         if self.tol < 0 or self.min_step <= 0 or self.max_iter < 1:
             raise ConfigError("need tol ≥ 0, min_step > 0 and max_iter ≥ 1")
         p = prepare(record, self.criterion, self.scorers, cumulative)

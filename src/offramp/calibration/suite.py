@@ -23,6 +23,13 @@ from torch import nn
 
 from offramp.analysis import oracle_saving_captured, oracle_summary
 from offramp.calibration.budget import BudgetCalibrator
+from offramp.calibration.checks import (
+    check_budget,
+    check_confidence,
+    check_cumulative,
+    check_delta,
+    check_record,
+)
 from offramp.calibration.single import SingleThresholdCalibrator
 from offramp.calibration.target import ThresholdCalibrator, lower_bound
 from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
@@ -57,6 +64,19 @@ class CalibratedPolicy:
     val_bound: float = 0.0
 
 
+def _check_goal(delta: float | None, budget: float | None) -> None:
+    """``ConfigError`` unless exactly one goal is given and it is valid (NaN never is)."""
+    if (delta is None) == (budget is None):
+        raise ConfigError(
+            f"give exactly one goal: delta (target accuracy) or budget (cost), got delta={delta}, "
+            f"budget={budget}"
+        )
+    if delta is not None:
+        check_delta(delta)
+    else:
+        check_budget(budget)
+
+
 def _evaluate(policy: ExitPolicy, record: ExitRecord, rel: np.ndarray) -> tuple[float, float]:
     exits = decide(policy, record.logits, record.feature_scores).numpy()
     return record.accuracy(exits), float(rel[exits].mean())
@@ -80,10 +100,11 @@ def calibrate_policies(
     goal at that one-sided confidence (:class:`ThresholdCalibrator`), and every family's
     ``val_bound`` is the lower confidence bound, so choosing among them stays consistent.
     """
-    if (delta is None) == (budget is None):
-        raise ConfigError("give exactly one goal: delta (target accuracy) or budget (cost)")
-    rel = np.asarray(cumulative, dtype=np.float64)
+    _check_goal(delta, budget)
+    check_confidence(confidence)
+    rel = check_cumulative(cumulative, val.num_exits)
     rel = rel / rel[-1]
+    check_record(val, stacklevel=3)
     correct = val.correct()  # (E, N), once for every family
     n, final_n = val.num_samples, int(correct[-1].sum())
     final = final_n / n
@@ -165,7 +186,8 @@ def report(
     budget: float | None = None,
 ) -> dict[str, Any]:
     """Every calibrated policy measured on ``test``, with the oracle for reference."""
-    rel = np.asarray(cumulative, dtype=np.float64)
+    _check_goal(delta, budget)
+    rel = check_cumulative(cumulative, test.num_exits)
     rel = rel / rel[-1]
     final = float(test.correct()[-1].double().mean())
     oracle = oracle_summary(test, rel)

@@ -14,6 +14,7 @@ from statistics import NormalDist
 import numpy as np
 from torch import nn
 
+from offramp.calibration.checks import check_confidence, check_delta
 from offramp.calibration.grid import GridResult, prepare, search
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
@@ -119,14 +120,8 @@ class ThresholdCalibrator:
 
     def _validate(self) -> None:
         get_criterion(self.criterion)
-        if not np.isfinite(self.delta) or not -1.0 < self.delta < 1.0:
-            raise ConfigError(
-                f"delta is the accuracy loss you accept, a finite number in (-1, 1), got "
-                f"{self.delta}; use 0.0 to keep the final exit's accuracy, a small negative "
-                "value for a safety margin above it"
-            )
-        if self.confidence is not None and not 0.5 <= self.confidence < 1:
-            raise ConfigError(f"confidence must lie in [0.5, 1), got {self.confidence}")
+        check_delta(self.delta)
+        check_confidence(self.confidence)
         if self.num_candidates < 1:
             raise ConfigError(f"num_candidates must be ≥ 1, got {self.num_candidates}")
 
