@@ -61,13 +61,13 @@ def test_pooled_equals_simulation_and_pools_later_stages(net_x, monkeypatch):
     sim = simulate(ExitRecord.collect(net, (x, torch.zeros(300, dtype=torch.long))), policy)
     rt = EarlyExitRuntime(net, policy)
     calls: list[tuple[int, int]] = []
-    stage = rt._stage
+    stage = rt.stage
 
     def spy(i, h, state):
         calls.append((i, h.shape[0]))
         return stage(i, h, state)
 
-    monkeypatch.setattr(rt, "_stage", spy)
+    monkeypatch.setattr(rt, "stage", spy)
     exits = torch.cat([r.exits for r in rt.map(x.split(20), pool=50)])
     np.testing.assert_array_equal(exits.numpy(), sim.exits)
     for i in range(1, net.num_exits):  # every call of a later stage but its last has 50 rows

@@ -43,13 +43,6 @@ def test_runtime_equals_simulation(name, criterion, q):
     np.testing.assert_array_equal([p for p, _, _ in one], sim.predictions)
 
 
-# The runtime validates with check_input(x, net.input_shape): it does not pass the network's
-# dtype (dtype=input_dtype(net)), so torch's own "Input type (double) and bias type (float)"
-# RuntimeError still comes first. runtime.py and pooled.py are outside this change; once they
-# pass the dtype this test passes and the strict xfail reports it: remove the marker then.
-@pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="runtime.py does not pass dtype to check_input"
-)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.bool], ids=str)
 def test_runtime_refuses_a_batch_of_the_wrong_dtype(cnn, digits_x, dtype):
     rt = EarlyExitRuntime(cnn, ThresholdPolicy.never(3))
@@ -57,6 +50,44 @@ def test_runtime_refuses_a_batch_of_the_wrong_dtype(cnn, digits_x, dtype):
         rt(digits_x.to(dtype))
     with pytest.raises(ShapeError, match=r"dtype torch\.float32.*x\.float\(\)"):
         rt.run_one(digits_x[:1].to(dtype))
+    with pytest.raises(ShapeError, match=r"dtype torch\.float32.*x\.float\(\)"):
+        next(rt.map([digits_x.to(dtype)]))
+
+
+def test_runtime_runs_inference_even_after_net_train(cnn, digits_x):
+    """net.train() after the runtime was built: BatchNorm still uses (and never updates) its
+    running statistics, and every module gets its own mode back."""
+    net = MODELS["resnet"](8, 10).eval()
+    x = digits_x[:40]
+    rt = EarlyExitRuntime(net, ThresholdPolicy.never(net.num_exits))
+    want = rt(x).logits
+    net.train()
+    net.blocks[0].eval()  # a mode of the user's own, which must survive
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    torch.testing.assert_close(rt(x).logits, want)
+    torch.testing.assert_close(rt.run_one(x[:1])[2], want[0])
+    torch.testing.assert_close(next(rt.map([x])).logits, want)
+    for k, v in stats.items():
+        assert torch.equal(net.state_dict()[k], v), k
+    assert net.training and not net.blocks[0].training and net.blocks[1].training
+
+
+def test_compile_raises_dynamo_limits_only_around_its_own_calls():
+    import torch._dynamo.config as dc
+
+    from offramp.runtime.backends import dynamo_limits
+
+    before = dc.recompile_limit
+    with dynamo_limits(before + 100):
+        assert dc.recompile_limit == before + 100
+    assert dc.recompile_limit == before
+    net = MODELS["blenet"](8, 10).eval()
+    x = torch.rand(6, 1, 8, 8)
+    rt = EarlyExitRuntime(
+        net, ThresholdPolicy.never(net.num_exits), mode="compile", example_input=x
+    )
+    rt(x[:3])
+    assert dc.recompile_limit == before  # no process-wide side effect left behind
 
 
 def test_costs_per_sample(cnn, digits_x):
@@ -137,7 +168,7 @@ def test_compiled_padding_keeps_inputs_order_and_global_config():
 
 
 def test_compiled_variants_are_one_per_signature_and_respect_strides():
-    from offramp.runtime import _Compiled
+    from offramp.runtime.backends import _Compiled
 
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
     c = _Compiled(conv)
@@ -160,7 +191,7 @@ class _DataDependent(nn.Module):
 
 
 def test_compiled_takes_standalone_path_for_inference_and_dynamo_otherwise(caplog):
-    from offramp.runtime import _Compiled
+    from offramp.runtime.backends import _Compiled
 
     caplog.set_level(logging.DEBUG, logger="offramp.runtime")
 

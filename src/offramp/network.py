@@ -210,7 +210,17 @@ class MultiExitNetwork(nn.Module):
         """Number of exits ``E`` (the final one included)."""
         return len(self.exit_blocks)
 
-    def _exit(self, i: int) -> int:
+    def exit_index(self, i: int) -> int:
+        """Exit ``i`` as a non-negative index (``-1`` is the final exit), or a ConfigError
+        naming the valid range.
+
+        Example:
+            >>> from torch import nn
+            >>> net = MultiExitNetwork([nn.Linear(2, 2), nn.Linear(2, 2)],
+            ...                        {0: nn.Linear(2, 2), 1: nn.Linear(2, 2)}, input_shape=(2,))
+            >>> net.exit_index(-1)
+            1
+        """
         e = self.num_exits
         if not -e <= i < e:
             raise ConfigError(f"exit index {i} is out of range for {e} exits (valid: 0 … {e - 1})")
@@ -275,7 +285,7 @@ class MultiExitNetwork(nn.Module):
         Its final exit is this network's exit ``i``, so ``net.truncate(i)(x).final`` equals
         ``net(x)[i]``.
         """
-        i = self._exit(i)
+        i = self.exit_index(i)
         b = self.exit_blocks[i]
         heads = {self.exit_blocks[j]: self.heads[j] for j in range(i + 1)}
         return MultiExitNetwork(
@@ -290,7 +300,7 @@ class MultiExitNetwork(nn.Module):
 
         ``exit_path(-1)`` is the plain backbone, with no intermediate heads on the way.
         """
-        i = self._exit(i)
+        i = self.exit_index(i)
         b = self.exit_blocks[i]
         return nn.Sequential(*self.blocks[: b + 1], self.heads[i])
 

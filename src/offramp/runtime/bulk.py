@@ -18,18 +18,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from offramp.errors import ConfigError
-from offramp.network import check_input
+from offramp.policies import ExitPolicy
+from offramp.runtime.result import RuntimeResult
 
-if TYPE_CHECKING:
-    from offramp.runtime import EarlyExitRuntime, RuntimeResult
+__all__ = ["StageRunner", "run_pooled"]
 
-__all__ = ["run_pooled"]
+
+class StageRunner(Protocol):
+    """What bulk inference needs of a runtime (:class:`~offramp.runtime.EarlyExitRuntime`)."""
+
+    policy: ExitPolicy
+    cumulative: Tensor | None
+
+    @property
+    def num_stages(self) -> int: ...
+
+    def check_input(self, x: Tensor) -> None: ...
+
+    def stage(
+        self, i: int, h: Tensor, state: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]: ...
 
 
 class _Rows(NamedTuple):
@@ -52,7 +66,7 @@ class _Pending:
 
 @torch.no_grad()
 def run_pooled(
-    rt: EarlyExitRuntime, batches: Iterable[Tensor], pool: int | None = None
+    rt: StageRunner, batches: Iterable[Tensor], pool: int | None = None
 ) -> Iterator[RuntimeResult]:
     """The runtime over ``batches``, each stage after the first run on ``pool`` rows at a time.
 
@@ -85,8 +99,7 @@ def run_pooled(
     pending: dict[int, _Pending] = {}
     emitted = 0
     for b, x in enumerate(batches):
-        if rt.validate:
-            check_input(x, rt.net.input_shape)
+        rt.check_input(x)
         n = x.shape[0]
         pool = pool or n or None  # the first non-empty batch sets the default
         pending[b] = _Pending(exits=torch.full((n,), last, dtype=torch.long), left=n)
@@ -104,7 +117,7 @@ def run_pooled(
 
 
 def _advance(
-    rt: EarlyExitRuntime,
+    rt: StageRunner,
     queues: list[list[_Rows]],
     pending: dict[int, _Pending],
     pool: int,
@@ -136,7 +149,7 @@ def _take(queue: list[_Rows], k: int) -> _Rows:
 
 
 def _run_stage(
-    rt: EarlyExitRuntime,
+    rt: StageRunner,
     i: int,
     rows: _Rows,
     queues: list[list[_Rows]],
@@ -144,7 +157,7 @@ def _run_stage(
 ) -> None:
     """Stage ``i`` on ``rows``: leavers are written to their batches, the rest queue for
     stage ``i + 1``."""
-    h, logits, leave, state = rt._stage(i, rows.h, rows.state)
+    h, logits, leave, state = rt.stage(i, rows.h, rows.state)
     if leave is None:  # the final exit: everyone leaves
         _write(pending, rows.batch, rows.pos, logits, i)
         return
@@ -172,9 +185,7 @@ def _write(
         start += c
 
 
-def _result(rt: EarlyExitRuntime, out: _Pending) -> RuntimeResult:
-    from offramp.runtime import RuntimeResult
-
+def _result(rt: StageRunner, out: _Pending) -> RuntimeResult:
     costs = rt.cumulative[out.exits] if rt.cumulative is not None else None
     if out.logits is None:  # an empty batch
         return RuntimeResult(out.exits.clone(), out.exits, torch.empty(0, 0), costs)
