@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from _common import dataset_root
+from offramp.analysis import oracle_summary
 from offramp.calibration import ThresholdCalibrator
 from offramp.costs import profile
 from offramp.data import load_mnist
@@ -120,7 +121,7 @@ def calibrated_cost(
     ok = [c for c in candidates if c["test_accuracy"] >= final_test]
     best = min(ok, key=lambda c: c["relative_cost"]) if ok else None
     plain = [c for c in candidates if c["margin_pp"] == 0.0]
-    oracle = test.summary(test.oracle_exits(), rel)["expected_cost"]
+    oracle = oracle_summary(test, rel)["relative_cost"]
     return (None if best is None else best["relative_cost"]), {
         "chosen": best,
         "at_margin_0": min(plain, key=lambda c: c["relative_cost"]) if plain else None,

@@ -231,14 +231,14 @@ def test_calibrators_refuse_costs_that_are_not_cumulative(name, bad):
 
 @pytest.mark.parametrize("bad", list(BAD_COSTS))
 def test_policy_suite_pareto_and_report_refuse_bad_costs_up_front(bad):
-    from offramp.calibration import calibrate_policies, report
+    from offramp.calibration import calibrate_policies, report_on_test
 
     cum = np.array(BAD_COSTS[bad][0])
     rec = _record(0)
     with pytest.raises(ConfigError, match="cumulative costs must be"):
         calibrate_policies(rec, cum, delta=0.05)
     with pytest.raises(ConfigError, match="cumulative costs must be"):
-        report([], rec, cum, delta=0.05)
+        report_on_test([], rec, cum, delta=0.05)
     with pytest.raises(ConfigError, match="cumulative costs must be"):
         pareto_front(rec, cum)
 
@@ -293,10 +293,10 @@ def test_policy_suite_refuses_nan_goals_before_they_reach_a_results_file(goal, m
 
 @pytest.mark.parametrize("goal, match", GOALS)
 def test_report_refuses_nan_goals_before_they_reach_a_results_file(goal, match):
-    from offramp.calibration import report
+    from offramp.calibration import report_on_test
 
     with pytest.raises(ConfigError, match=match):
-        report([], _record(0), CUM[3], **goal)
+        report_on_test([], _record(0), CUM[3], **goal)
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from offramp import ExitRecord, ThresholdPolicy, simulate
+from offramp.batches import check_batch_size, iterate_batches
 from offramp.errors import ConfigError, DataError, NonFiniteError, ShapeError
-from offramp.evaluation import check_batch_size, exit_histogram, iterate_batches
+from offramp.evaluation import exit_histogram
 
 
 def _record() -> ExitRecord:

@@ -9,7 +9,7 @@ from offramp import EarlyExitRuntime, ExitRecord, GateScorer, ThresholdPolicy, s
 from offramp.calibration import ThresholdCalibrator, record_scores
 from offramp.errors import ConfigError
 from offramp.models import resnet
-from offramp.policies import decide, exit_scores
+from offramp.policies import decide_from_logits, exit_scores
 from offramp.training import FitConfig, fit
 from offramp.training.gated import GatedTraining
 
@@ -89,5 +89,5 @@ def test_gate_scores_need_a_record_that_has_them(gated):
     with pytest.raises(ConfigError, match="exit features"):
         exit_scores(record.logits, "learned", scorers)
     with pytest.raises(ConfigError, match="feature_scorers"):
-        decide(policy, record.logits)
+        decide_from_logits(policy, record.logits)
     assert GateScorer.on_features

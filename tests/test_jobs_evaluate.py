@@ -12,7 +12,7 @@ from offramp.cli import main
 from offramp.evaluation import ExitRecord
 from offramp.jobs.evaluate import load_run
 from offramp.jobs.train import load_config, load_datasets, load_gates, load_model
-from offramp.policies import decide
+from offramp.policies import decide_from_logits
 from offramp.runtime import EarlyExitRuntime
 
 yaml = pytest.importorskip("yaml")
@@ -117,7 +117,8 @@ def test_gated_run_saves_its_gates_and_calibrate_uses_them(gated_run, run_dir, c
     x = load_datasets(load_config(gated_run / "config.json")).test[0]
     rt = EarlyExitRuntime(net, pol)
     np.testing.assert_array_equal(
-        rt(x).exits.numpy(), decide(pol, run.test.logits, run.test.feature_scores).numpy()
+        rt(x).exits.numpy(),
+        decide_from_logits(pol, run.test.logits, run.test.feature_scores).numpy(),
     )
 
     assert main(["evaluate", str(gated_run)]) == 0

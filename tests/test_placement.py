@@ -9,7 +9,7 @@ from offramp.evaluation import ExitRecord
 from offramp.placement import (
     RULES,
     Candidates,
-    Record,
+    PlacementRecord,
     candidate_costs,
     evaluate_subsets,
     exhaustive,
@@ -27,15 +27,17 @@ from offramp.placement import (
 )
 
 
-def _record(scores: np.ndarray, correct: np.ndarray, thresholds=None) -> Record:
+def _record(scores: np.ndarray, correct: np.ndarray, thresholds=None) -> PlacementRecord:
     """A placement record straight from max-prob-like scores (higher = confident)."""
     s = torch.as_tensor(scores, dtype=torch.float32)
     if thresholds is None:
         thresholds = np.concatenate([[np.inf], np.unique(scores[:-1])[::-1] - 1e-6, [-np.inf]])
-    return Record(s, torch.as_tensor(correct, dtype=torch.bool), np.asarray(thresholds), False)
+    return PlacementRecord(
+        s, torch.as_tensor(correct, dtype=torch.bool), np.asarray(thresholds), False
+    )
 
 
-def _brute(cands: Candidates, rec: Record, subset: int, tau: float) -> tuple[float, float]:
+def _brute(cands: Candidates, rec: PlacementRecord, subset: int, tau: float) -> tuple[float, float]:
     """Expected cost and accuracy by walking every sample through the subset's exits."""
     k, n = rec.scores.shape
     cum = cands.cumulative(subset) / cands.full_cost
@@ -51,7 +53,7 @@ def _brute(cands: Candidates, rec: Record, subset: int, tau: float) -> tuple[flo
     return cost / n, acc / n
 
 
-def _random_problem(seed: int, k: int, n: int) -> tuple[Candidates, Record]:
+def _random_problem(seed: int, k: int, n: int) -> tuple[Candidates, PlacementRecord]:
     rng = np.random.default_rng(seed)
     cands = Candidates(tuple(range(k)), rng.uniform(0.5, 2.0, k), rng.uniform(0.0, 0.3, k))
     scores = rng.choice(np.linspace(0, 1, 7), size=(k, n))  # ties on purpose
@@ -143,7 +145,7 @@ def test_eq4_by_hand():
     assert not pays(0.5, 0.0, head_cost=0.01, final_cost=10.0, exit_cost=4.0)
 
 
-def _eq4_case(leave_at_1: int) -> Record:
+def _eq4_case(leave_at_1: int) -> PlacementRecord:
     """Ten samples, three blocks of cost 1. Exit 0 is confident and right on samples 0-5 and
     wrong on 6-9 (so the threshold must keep those from leaving there); exit 1 is confident on
     ``leave_at_1`` of samples 6-9 and right everywhere, as is the final exit."""

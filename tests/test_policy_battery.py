@@ -18,7 +18,7 @@ from offramp.confidence import (
     temperature_scorers,
 )
 from offramp.models import mlp
-from offramp.policies import PatiencePolicy, decide, margin
+from offramp.policies import PatiencePolicy, decide_from_logits, margin
 from offramp.training import FitConfig, fit
 
 
@@ -101,10 +101,10 @@ def test_patience_by_hand():
     preds = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 2], [0, 1, 0, 1], [1, 1, 0, 0]])
     logits = torch.nn.functional.one_hot(preds, 3).float() * 5  # (E=4, N=4, C=3)
     # patience 1: leave at the first exit agreeing with the previous one
-    assert decide(PatiencePolicy(4, 1), logits).tolist() == [1, 2, 1, 1]
+    assert decide_from_logits(PatiencePolicy(4, 1), logits).tolist() == [1, 2, 1, 1]
     # patience 2: three consecutive agreeing exits; sample 2 (1, 1, 0, 0) never gets there
-    assert decide(PatiencePolicy(4, 2), logits).tolist() == [2, 3, 3, 3]
-    assert decide(PatiencePolicy(4, 9), logits).tolist() == [3, 3, 3, 3]
+    assert decide_from_logits(PatiencePolicy(4, 2), logits).tolist() == [2, 3, 3, 3]
+    assert decide_from_logits(PatiencePolicy(4, 9), logits).tolist() == [3, 3, 3, 3]
 
 
 def test_temperature_known_minimum_and_ece_improves():

@@ -1,5 +1,6 @@
-"""Numbers from config files: YAML reads ``1e-3`` as a string, so both the training config and
-the strategy options accept numbers written as strings, with one set of rules."""
+"""Values from config files, with one set of rules for the training config and the strategy
+options: YAML reads ``1e-3`` as a string, so numbers written as strings are accepted; a boolean
+is ``true`` / ``false`` (YAML's own booleans, or those two words as strings), nothing else."""
 
 from __future__ import annotations
 
@@ -27,6 +28,24 @@ def to_int(value: Any) -> int:
             raise ValueError(f"{value!r} is not a whole number")
         return int(f)
     raise TypeError(f"{type(value).__name__} is not a number")
+
+
+def to_bool(value: Any) -> bool:
+    """``value`` as a bool: ``True`` / ``False``, or the strings ``"true"`` / ``"false"`` (any
+    case); not numbers, not ``"yes"`` / ``"on"`` (ambiguous in a config someone else reads).
+
+    Raises:
+        TypeError, ValueError: anything else.
+
+    Example:
+        >>> to_bool(True), to_bool("False")
+        (True, False)
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{value!r} is not true or false")
 
 
 def to_float(value: Any) -> float:

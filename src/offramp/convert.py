@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from offramp.errors import ConversionError, ShapeError
 from offramp.heads import HeadFactory, make_head
-from offramp.network import MultiExitNetwork
+from offramp.network import MultiExitNetwork, block_output_shapes
 
 __all__ = ["attach_exits", "split_model"]
 
@@ -205,20 +205,7 @@ def attach_exits(
     heads_spec = list(head) if isinstance(head, (list, tuple)) else [head] * len(at)
     if len(heads_spec) != len(at):
         raise ConversionError(f"got {len(heads_spec)} heads for {len(at)} exits in `at`")
-    was_training = model.training
-    model.eval()
-    shapes: list[tuple[int, ...]] = []
-    with torch.no_grad():
-        h = example_input
-        for block in blocks:
-            h = block(h)
-            if not isinstance(h, Tensor):
-                raise ConversionError(
-                    f"a block produced {type(h).__name__}, not a tensor; attach_exits needs "
-                    "tensor activations at each cut and a tensor output"
-                )
-            shapes.append(tuple(h.shape[1:]))
-    model.train(was_training)
+    shapes = block_output_shapes(blocks, example_input)
     if len(shapes[-1]) != 1:
         raise ConversionError(
             f"the model's output has per-sample shape {shapes[-1]}; expected (num_classes,)"

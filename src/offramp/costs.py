@@ -1,4 +1,6 @@
-"""Cost profile of a multi-exit network: FLOPs, parameters and activation sizes per stage.
+"""Cost profile of a multi-exit network: FLOPs, parameters and activation sizes per stage, and
+the one place cost vectors ``C_i`` are built (:func:`cumulative_costs`: FLOPs or measured
+latency).
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products and
 convolutions (2 FLOPs per multiply–add) and ignores element-wise ops, pooling and activations.
@@ -17,9 +19,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork, check_input, input_dtype
 
-__all__ = ["CostProfile", "count_flops", "expected_cost", "profile"]
+__all__ = ["COSTS", "CostProfile", "count_flops", "cumulative_costs", "expected_cost", "profile"]
+
+#: What a cost vector can measure.
+COSTS = ("flops", "latency")
 
 
 def count_flops(module: nn.Module, x: Tensor) -> int:
@@ -161,3 +167,27 @@ def expected_cost(exits: np.ndarray | Tensor, cumulative: np.ndarray) -> float:
         return 0.0
     counts = np.bincount(e, minlength=len(c))
     return float(counts @ c / e.size)
+
+
+def cumulative_costs(
+    net: MultiExitNetwork, x: Tensor, cost: str = "flops", *, repeats: int = 5
+) -> np.ndarray:
+    """The cost ``C_i`` of reaching every exit, ``(E,)``: FLOPs per sample counted on ``x[:1]``
+    (:func:`profile`), or seconds per sample measured on the batch ``x``
+    (:func:`offramp.timing.exit_latencies`, median of ``repeats``). A later exit runs everything
+    an earlier one does, so measured costs are made non-decreasing (a running maximum) where
+    timing noise put them out of order.
+
+    Example:
+        >>> from offramp.models import mlp
+        >>> cumulative_costs(mlp(4, 3, hidden=(8, 8)), torch.randn(16, 4)).tolist()
+        [112.0, 288.0]
+    """
+    if cost == "flops":
+        return profile(net, x[:1]).cumulative
+    if cost == "latency":
+        from offramp.timing import exit_latencies
+
+        measured = np.asarray(exit_latencies(net, x, repeats=repeats), dtype=np.float64)
+        return np.maximum.accumulate(measured)
+    raise ConfigError(f"unknown cost {cost!r}; choose one of {list(COSTS)}")

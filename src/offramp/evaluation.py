@@ -7,7 +7,6 @@ array work on that record, with no further forward passes.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,58 +16,20 @@ import torch
 from torch import Tensor, nn
 
 from offramp._progress import progress
+from offramp.batches import iterate_batches
 from offramp.costs import expected_cost
-from offramp.errors import ConfigError, DataError, NonFiniteError, ShapeError
+from offramp.errors import DataError, NonFiniteError, ShapeError
 from offramp.files import read_torch, save_torch
 from offramp.network import MultiExitNetwork, check_input, input_dtype
-from offramp.policies import ExitPolicy, decide, get_criterion
+from offramp.policies import ExitPolicy, decide_from_logits, get_criterion
 
 __all__ = [
     "Decisions",
     "ExitRecord",
-    "check_batch_size",
     "exit_histogram",
-    "iterate_batches",
+    "record_splits",
     "simulate",
 ]
-
-
-def check_batch_size(batch_size: object) -> int:
-    """``batch_size`` as an int, or ``ConfigError`` unless it is a whole number ≥ 1 (a bool is
-    not).
-
-    Example:
-        >>> check_batch_size(256)
-        256
-    """
-    if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
-        if int(batch_size) >= 1:
-            return int(batch_size)
-    raise ConfigError(
-        f"batch_size must be a whole number ≥ 1, got {batch_size!r}: it is the number of "
-        "samples per forward pass, e.g. batch_size=256"
-    )
-
-
-def iterate_batches(
-    data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]], batch_size: int
-) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
-    """Batches of ``(x, y)`` from a pair of tensors or any iterable of pairs, and their count.
-
-    ``batch_size`` (checked by :func:`check_batch_size` in either case) splits a pair of
-    tensors; an iterable of pairs is used as it is.
-    """
-    batch_size = check_batch_size(batch_size)
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise ShapeError(
-                f"inputs and labels differ in length: x has {x.shape[0]} rows, y has {y.shape[0]}"
-            )
-        n = x.shape[0]
-        starts = range(0, n, batch_size)
-        return ((x[s : s + batch_size], y[s : s + batch_size]) for s in starts), len(starts)
-    return data, (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
 
 
 def _check_labels(labels: object, num_classes: int, offset: int = 0) -> None:
@@ -292,13 +253,37 @@ class ExitRecord:
         return cls(d["logits"], d["labels"], d.get("feature_scores"))
 
 
+def record_splits(
+    net: MultiExitNetwork,
+    val: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    *,
+    feature_scorers: Sequence[nn.Module] | None = None,
+) -> tuple[ExitRecord, ExitRecord]:
+    """The exit records of a validation split (to fit policies on) and a test split (to report
+    them on): what every job that calibrates and evaluates starts from.
+
+    Example:
+        >>> import torch
+        >>> from offramp.models import mlp
+        >>> x, y = torch.randn(20, 4), torch.arange(20) % 3
+        >>> val, test = record_splits(mlp(4, 3, hidden=(8, 8)), (x[:10], y[:10]), (x[10:], y[10:]))
+        >>> val.num_samples, test.num_exits
+        (10, 2)
+    """
+    return (
+        ExitRecord.collect(net, val, feature_scorers=feature_scorers),
+        ExitRecord.collect(net, test, feature_scorers=feature_scorers),
+    )
+
+
 def simulate(record: ExitRecord, policy: ExitPolicy) -> Decisions:
     """Where each sample of ``record`` would leave under ``policy``, and what it would predict.
 
     This is the reference the runtime must reproduce exactly: both run the policy's exit tests
     (:func:`offramp.policies.decide`).
     """
-    return record.decisions(decide(policy, record.logits, record.feature_scores))
+    return record.decisions(decide_from_logits(policy, record.logits, record.feature_scores))
 
 
 def exit_histogram(exits: np.ndarray | Tensor, num_exits: int) -> np.ndarray:

@@ -14,9 +14,16 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from offramp.errors import ConfigError, NonFiniteError, ShapeError
+from offramp.errors import ConfigError, ConversionError, NonFiniteError, ShapeError
 
-__all__ = ["ExitOutputs", "MultiExitNetwork", "Stage", "check_input", "input_dtype"]
+__all__ = [
+    "ExitOutputs",
+    "MultiExitNetwork",
+    "Stage",
+    "block_output_shapes",
+    "check_input",
+    "input_dtype",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,40 @@ _CASTS = {
     torch.float16: "x.half()",
     torch.bfloat16: "x.bfloat16()",
 }
+
+
+def block_output_shapes(
+    blocks: Sequence[nn.Module], example: Tensor | Sequence[int]
+) -> list[tuple[int, ...]]:
+    """Per-sample shape of the output of each block of a chain, read off ``example`` (a batch)
+    or, given an input shape, one zero sample — the one shape probe of offramp, for sizing
+    heads. Runs in eval mode without gradients (BatchNorm statistics are left alone); every
+    module gets its own mode back.
+
+    Raises:
+        ConversionError: a block returned something other than a tensor.
+
+    Example:
+        >>> block_output_shapes([nn.Linear(4, 8), nn.Linear(8, 2)], (4,))
+        [(8,), (2,)]
+    """
+    h = example if isinstance(example, Tensor) else torch.zeros(1, *example)
+    modes = [(m, m.training) for b in blocks for m in b.modules()]
+    shapes: list[tuple[int, ...]] = []
+    try:
+        with torch.no_grad():
+            for block in blocks:
+                h = block.eval()(h)
+                if not isinstance(h, Tensor):
+                    raise ConversionError(
+                        f"a block produced {type(h).__name__}, not a tensor; exits need tensor "
+                        "activations at each cut and a tensor output"
+                    )
+                shapes.append(tuple(h.shape[1:]))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return shapes
 
 
 def input_dtype(net: nn.Module) -> torch.dtype | None:

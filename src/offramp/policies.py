@@ -43,7 +43,7 @@ __all__ = [
     "TemperatureScorer",
     "ThresholdPolicy",
     "ThresholdTest",
-    "decide",
+    "decide_from_logits",
     "exit_scores",
     "fires",
     "get_criterion",
@@ -292,7 +292,9 @@ class ExitPolicy(ABC):
         return torch.zeros((n, self.state_size), dtype=torch.long, device=device)
 
 
-def decide(policy: ExitPolicy, logits: Tensor, feature_scores: Tensor | None = None) -> Tensor:
+def decide_from_logits(
+    policy: ExitPolicy, logits: Tensor, feature_scores: Tensor | None = None
+) -> Tensor:
     """Exit of every sample from all exits' logits ``(E, N, C) -> (N,)``: the simulation.
 
     Runs the policy's exit tests over whole exits (vectorised over samples): a sample leaves at
@@ -302,7 +304,7 @@ def decide(policy: ExitPolicy, logits: Tensor, feature_scores: Tensor | None = N
     Example:
         >>> import torch
         >>> logits = torch.tensor([[[5.0, 0.0], [0.0, 0.1]], [[0.0, 5.0], [0.0, 5.0]]])
-        >>> decide(ThresholdPolicy("max_prob", (0.9,)), logits).tolist()
+        >>> decide_from_logits(ThresholdPolicy("max_prob", (0.9,)), logits).tolist()
         [0, 1]
     """
     e, n = logits.shape[0], logits.shape[1]
@@ -439,7 +441,7 @@ class PatiencePolicy(ExitPolicy):
     Example:
         >>> import torch
         >>> logits = torch.tensor([[[1.0, 0.0]], [[2.0, 0.0]], [[0.0, 1.0]]])  # 0, 0, 1
-        >>> decide(PatiencePolicy(3, 1), logits).tolist()  # exits 0 and 1 agree
+        >>> decide_from_logits(PatiencePolicy(3, 1), logits).tolist()  # exits 0 and 1 agree
         [1]
     """
 

@@ -5,8 +5,8 @@
 - :class:`BudgetCalibrator` — most accurate per-exit thresholds at expected cost ≤ B;
 - :class:`SingleThresholdCalibrator` — one τ for every exit, by error feedback (Baccarelli);
 - :func:`pareto_front` — the accuracy–cost front over policies and thresholds;
-- :func:`calibrate_policies` / :func:`report` — every family fitted on one split, measured on
-  another.
+- :func:`calibrate_policies` / :func:`report_on_test` — every family fitted on one split,
+  measured on another.
 
 All of them work on an :class:`~offramp.evaluation.ExitRecord` and a cost vector ``C_i`` (FLOPs
 or measured latency), and accept per-exit scorers (temperature scaling, learned confidence).
@@ -22,7 +22,7 @@ from offramp.calibration.grid import (
 )
 from offramp.calibration.pareto import ParetoFront, ParetoPoint, non_dominated, pareto_front
 from offramp.calibration.single import SingleThresholdCalibrator
-from offramp.calibration.suite import CalibratedPolicy, calibrate_policies, report
+from offramp.calibration.suite import CalibratedPolicy, calibrate_policies, report_on_test
 from offramp.calibration.target import ThresholdCalibrator
 
 __all__ = [
@@ -39,6 +39,6 @@ __all__ = [
     "non_dominated",
     "pareto_front",
     "record_scores",
-    "report",
+    "report_on_test",
     "search",
 ]

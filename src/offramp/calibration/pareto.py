@@ -23,7 +23,7 @@ from offramp.calibration.checks import check_cumulative, check_delta
 from offramp.calibration.grid import record_scores
 from offramp.calibration.target import ThresholdCalibrator
 from offramp.evaluation import ExitRecord
-from offramp.policies import ExitPolicy, PatiencePolicy, ThresholdPolicy, decide
+from offramp.policies import ExitPolicy, PatiencePolicy, ThresholdPolicy, decide_from_logits
 
 __all__ = ["ParetoFront", "ParetoPoint", "non_dominated", "pareto_front"]
 
@@ -103,7 +103,7 @@ def _point(
 ) -> ParetoPoint:
     """``policy`` measured on ``record`` (``exits`` when already decided)."""
     if exits is None:
-        exits = decide(policy, record.logits, record.feature_scores).numpy()
+        exits = decide_from_logits(policy, record.logits, record.feature_scores).numpy()
     return ParetoPoint(label, record.accuracy(exits), float(rel[exits].mean()), policy)
 
 

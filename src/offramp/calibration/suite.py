@@ -5,9 +5,9 @@ Families: thresholds on entropy, max-prob and margin — plain, and on temperatu
 error feedback, and patience (the cheapest ``k`` meeting the goal on the calibration split).
 The goal is either a target accuracy (``delta``: loss allowed relative to the final exit) or a
 cost budget (``budget``: fraction of the full network's cost). Every family is fitted on the
-calibration record only; :func:`report` then measures each on the test record: accuracy, drop
-relative to the final exit, relative expected cost, share of the oracle's saving captured, and
-whether the goal still holds there.
+calibration record only; :func:`report_on_test` then measures each on the test record:
+accuracy, drop relative to the final exit, relative expected cost, share of the oracle's saving
+captured, and whether the goal still holds there.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from offramp.calibration.target import ThresholdCalibrator, lower_bound
 from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
-from offramp.policies import ExitPolicy, PatiencePolicy, decide
+from offramp.policies import ExitPolicy, PatiencePolicy, decide_from_logits
 
-__all__ = ["CalibratedPolicy", "calibrate_policies", "report"]
+__all__ = ["CalibratedPolicy", "calibrate_policies", "report_on_test"]
 
 CRITERIA = ("entropy", "max_prob", "margin")
 
@@ -78,7 +78,7 @@ def _check_goal(delta: float | None, budget: float | None) -> None:
 
 
 def _evaluate(policy: ExitPolicy, record: ExitRecord, rel: np.ndarray) -> tuple[float, float]:
-    exits = decide(policy, record.logits, record.feature_scores).numpy()
+    exits = decide_from_logits(policy, record.logits, record.feature_scores).numpy()
     return record.accuracy(exits), float(rel[exits].mean())
 
 
@@ -118,7 +118,7 @@ def calibrate_policies(
         except ConfigError:  # the goal is out of this family's reach on val
             return
         secs = time.perf_counter() - t0
-        exits = decide(policy, val.logits, val.feature_scores)
+        exits = decide_from_logits(policy, val.logits, val.feature_scores)
         acc, cost = val.accuracy(exits.numpy()), float(rel[exits.numpy()].mean())
         right = correct.gather(0, exits[None])[0]
         changed = int((right != correct[-1]).sum())
@@ -177,7 +177,7 @@ def calibrate_policies(
     return out
 
 
-def report(
+def report_on_test(
     policies: list[CalibratedPolicy],
     test: ExitRecord,
     cumulative: np.ndarray,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from offramp._values import to_float, to_int
+from offramp._values import to_bool, to_float, to_int
 from offramp.data.splits import DATASETS
 from offramp.errors import ConfigError
 from offramp.training.loop import FitConfig
@@ -226,13 +226,10 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         (tp,) = [a for a in args if a is not type(None)]
     origin = typing.get_origin(tp)
     bad = ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int or tp is float:
+    if tp is bool or tp is int or tp is float:
+        convert = {bool: to_bool, int: to_int, float: to_float}[tp]
         try:
-            return to_int(value) if tp is int else to_float(value)
+            return convert(value)
         except (TypeError, ValueError):
             raise bad from None
     if tp is str:

@@ -25,14 +25,13 @@ import numpy as np
 from torch import nn
 
 from offramp.analysis import calibration_table, oracle_summary, overthinking
-from offramp.calibration import calibrate_policies, pareto_front, report
+from offramp.calibration import calibrate_policies, pareto_front, report_on_test
 from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
-from offramp.costs import profile
+from offramp.costs import COSTS, cumulative_costs
 from offramp.errors import ConfigError, DataError
-from offramp.evaluation import ExitRecord
+from offramp.evaluation import ExitRecord, record_splits
 from offramp.files import write_json
 from offramp.report import format_table, plot_policies
-from offramp.timing import exit_latencies
 
 __all__ = [
     "LoadedRun",
@@ -79,14 +78,10 @@ def load_run(run_dir: str | Path, *, cost: str = "flops") -> LoadedRun:
             f"{run} was trained with val_fraction 0: there is no held-out split to fit on; "
             "retrain with val_fraction > 0"
         )
-    val = ExitRecord.collect(net, data.val, feature_scorers=gates)
-    test = ExitRecord.collect(net, data.test, feature_scorers=gates)
-    if cost == "flops":
-        cum = profile(net, data.test[0][:1]).cumulative
-    elif cost == "latency":
-        cum = np.asarray(exit_latencies(net, data.test[0][:256]))
-    else:
-        raise ConfigError(f"unknown cost {cost!r}; choose 'flops' or 'latency'")
+    if cost not in COSTS:
+        raise ConfigError(f"unknown cost {cost!r}; choose one of {list(COSTS)}")
+    val, test = record_splits(net, data.val, data.test, feature_scorers=gates)
+    cum = cumulative_costs(net, data.test[0][:256], cost)
     info = {
         "run_dir": str(run),
         "cost": cost,
@@ -140,7 +135,7 @@ def calibrate_run(
     policies = calibrate_policies(
         val, cum, delta=delta, budget=budget, confidence=confidence, feature_scorers=gates
     )
-    result = {**info, **report(policies, test, cum, delta=delta, budget=budget)}
+    result = {**info, **report_on_test(policies, test, cum, delta=delta, budget=budget)}
     out = Path(run_dir) / "analysis"
     result["json"] = str(write_json(out / "calibrate.json", result))
     if plot:

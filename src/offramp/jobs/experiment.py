@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from offramp.analysis import oracle_summary
 from offramp.calibration import ThresholdCalibrator
 from offramp.costs import profile
 from offramp.data.digits import Splits
-from offramp.evaluation import ExitRecord, simulate
+from offramp.evaluation import record_splits, simulate
 from offramp.network import MultiExitNetwork
 from offramp.runtime import EarlyExitRuntime
 from offramp.timing import compare_wallclock
@@ -156,8 +157,7 @@ def run_experiment(
     x_test, y_test = splits.test
     prof = profile(net, x_test[:1])
     cum = prof.cumulative
-    rec_val = ExitRecord.collect(net, splits.val)
-    rec_test = ExitRecord.collect(net, splits.test)
+    rec_val, rec_test = record_splits(net, splits.val, splits.test)
     cal = ThresholdCalibrator(cfg.criterion, cfg.delta).fit(rec_val, cum)
     sim = simulate(rec_test, cal.policy_)
     summ = rec_test.summary(sim.exits, cum)
@@ -167,7 +167,7 @@ def run_experiment(
     res = runtime(x_test)
     agree_exits = float((res.exits.numpy() == sim.exits).mean())
     agree_preds = float((res.predictions.numpy() == sim.predictions).mean())
-    oracle = rec_test.oracle_exits()
+    oracle = oracle_summary(rec_test, cum)
     speed = measure_speedups(
         runtime,
         x_test,
@@ -188,10 +188,9 @@ def run_experiment(
         "exit_accuracy": acc.tolist(),
         "accuracy_of_leavers": summ["accuracy_of_leavers"],
         "exit_relative_cost": prof.relative_cumulative.tolist(),
-        "oracle_accuracy": rec_test.accuracy(oracle),
-        "oracle_relative_cost": float(
-            np.bincount(oracle, minlength=len(cum)) @ cum / len(oracle) / prof.backbone_flops
-        ),
+        "oracle_accuracy": oracle["accuracy"],
+        # relative to the plain backbone, as every cost of this result
+        "oracle_relative_cost": oracle["relative_cost"] * float(cum[-1]) / prof.backbone_flops,
         "thresholds": list(cal.thresholds_),
         "criterion": cfg.criterion,
         "delta": cfg.delta,

@@ -32,8 +32,8 @@ from offramp.files import read_torch, save_torch, write_json
 from offramp.jobs.config import TrainConfig, read_mapping, typed_fields
 from offramp.placement.estimate import (
     COSTS,
-    cost_profile,
-    format_cost_profile,
+    cost_table,
+    format_cost_table,
     train_candidate_heads,
     with_candidate_exits,
 )
@@ -140,7 +140,7 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     Returns:
         What ``placement.json`` holds.
     """
-    from offramp.evaluation import ExitRecord
+    from offramp.evaluation import record_splits
     from offramp.jobs.train import load_datasets, load_model, run_training
 
     out = Path(cfg.output_dir)
@@ -176,7 +176,7 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
         save_torch(cand_path, {"key": key, "heads": early.state_dict()})
     cand.eval()
     x = splits.val[0][: cfg.batch_size]
-    rows = cost_profile(cand, x)
+    rows = cost_table(cand, x)
     # placement's costs come from the profile just printed: FLOPs, or seconds at the user batch
     block_col, head_col, scale, unit = (
         ("block_flops", "head_flops", 1.0, "flops")
@@ -189,7 +189,7 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
         scale * np.array([r[head_col] for r in rows if r[head_col] is not None], dtype=np.float64),
         unit,
     )
-    val, test = ExitRecord.collect(cand, splits.val), ExitRecord.collect(cand, splits.test)
+    val, test = record_splits(cand, splits.val, splits.test)
     placements = place(
         cands,
         val,
@@ -227,9 +227,9 @@ def _plot(placements: Any, cands: Any, val: Any, cfg: PlaceConfig, path: Path) -
 
     subsets: list[tuple[float, float]] = []
     if cands.num - 1 <= 12:
-        from offramp.placement.problem import Record, operating_points
+        from offramp.placement.problem import PlacementRecord, operating_points
 
-        rec = Record.from_exit_record(val, cfg.criterion)
+        rec = PlacementRecord.from_exit_record(val, cfg.criterion)
         pts = operating_points(cands, rec, np.arange(1 << (cands.num - 1)), cfg.target_drop / 100)
         subsets = [(p.cost, p.accuracy) for p in pts]
     return plot_placement(
@@ -246,7 +246,7 @@ def format_placement(r: dict[str, Any]) -> str:
     from offramp.placement.place import Placement
     from offramp.report import format_table
 
-    prof = format_cost_profile(r["profile"])
+    prof = format_cost_table(r["profile"])
     # γ_i: share of test samples leaving at each candidate when all of them are exits
     every = next((row for row in r["rows"] if row["rule"] == "all"), None)
     gamma = every["exit_fractions"] if every else [None] * len(r["candidates"])

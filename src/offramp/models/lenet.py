@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from offramp.heads import HeadFactory, make_head
-from offramp.models._shapes import block_output_shapes
-from offramp.network import MultiExitNetwork
+from offramp.network import MultiExitNetwork, block_output_shapes
 
 __all__ = ["BRANCHYNET_HEAD", "blenet"]
 

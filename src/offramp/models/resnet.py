@@ -16,8 +16,7 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.heads import HeadFactory, make_head
-from offramp.models._shapes import block_output_shapes
-from offramp.network import MultiExitNetwork
+from offramp.network import MultiExitNetwork, block_output_shapes
 
 __all__ = ["BasicBlock", "resnet"]
 

@@ -17,23 +17,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from offramp.costs import profile
+from offramp.costs import COSTS, profile
 from offramp.errors import ConfigError
 from offramp.heads import HeadFactory, make_head
-from offramp.models._shapes import block_output_shapes
-from offramp.network import MultiExitNetwork
+from offramp.network import MultiExitNetwork, block_output_shapes
 from offramp.placement.problem import Candidates
 
 __all__ = [
     "COSTS",
     "candidate_costs",
-    "cost_profile",
-    "format_cost_profile",
+    "cost_table",
+    "format_cost_table",
     "train_candidate_heads",
     "with_candidate_exits",
 ]
-
-COSTS = ("flops", "latency")
 
 
 def with_candidate_exits(
@@ -157,7 +154,7 @@ def candidate_costs(
     return Candidates(tuple(net.exit_blocks), np.asarray(blocks), np.asarray(heads), "seconds")
 
 
-def cost_profile(
+def cost_table(
     net: MultiExitNetwork, x: Tensor, *, repeats: int = 5
 ) -> list[dict[str, float | int | None]]:
     """Counted and measured cost of every block and head of ``net``, one row per block: FLOPs
@@ -166,7 +163,7 @@ def cost_profile(
 
     Example:
         >>> from offramp.models import mlp
-        >>> rows = cost_profile(mlp(4, 3, hidden=(8, 8)), torch.randn(16, 4), repeats=2)
+        >>> rows = cost_table(mlp(4, 3, hidden=(8, 8)), torch.randn(16, 4), repeats=2)
         >>> sorted(rows[0])[:4]
         ['batch', 'block', 'block_flops', 'block_ms_b1']
     """
@@ -197,8 +194,8 @@ def cost_profile(
     return rows
 
 
-def format_cost_profile(rows: list[dict[str, float | int | None]]) -> str:
-    """:func:`cost_profile` as a text table."""
+def format_cost_table(rows: list[dict[str, float | int | None]]) -> str:
+    """:func:`cost_table` as a text table."""
     from offramp.report import format_table
 
     def num(v: object, fmt: str) -> str:

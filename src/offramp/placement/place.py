@@ -10,7 +10,7 @@ import numpy as np
 
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
-from offramp.placement.problem import Candidates, OperatingPoint, Record, operating_points
+from offramp.placement.problem import Candidates, OperatingPoint, PlacementRecord, operating_points
 from offramp.placement.rules import (
     MAX_EXHAUSTIVE,
     SDN_FRACTIONS,
@@ -112,10 +112,12 @@ def place(
                 f"the {name} record has {rec.num_exits} exits but there are {cands.num} "
                 "candidates: record the network that carries a head at every candidate"
             )
-    rec = Record.from_exit_record(val, criterion, num_thresholds=num_thresholds)
+    rec = PlacementRecord.from_exit_record(val, criterion, num_thresholds=num_thresholds)
     # the split each recommendation is reported on, scored once for every rule
     ev = (
-        rec if test is None else Record.from_exit_record(test, criterion, thresholds=rec.thresholds)
+        rec
+        if test is None
+        else PlacementRecord.from_exit_record(test, criterion, thresholds=rec.thresholds)
     )
     k = cands.num
     out = []
@@ -159,14 +161,14 @@ def place(
     return out
 
 
-def _point(cands: Candidates, rec: Record, subset: int, delta: float) -> OperatingPoint:
+def _point(cands: Candidates, rec: PlacementRecord, subset: int, delta: float) -> OperatingPoint:
     return operating_points(cands, rec, np.array([subset]), delta)[0]
 
 
 def _report(
     rule: str,
     cands: Candidates,
-    ev: Record,
+    ev: PlacementRecord,
     point: OperatingPoint,
     details: dict[str, object],
 ) -> Placement:

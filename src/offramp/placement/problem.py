@@ -35,7 +35,7 @@ from offramp.policies import exit_scores, get_criterion
 __all__ = [
     "Candidates",
     "OperatingPoint",
-    "Record",
+    "PlacementRecord",
     "evaluate_subsets",
     "operating_points",
     "subset_mask",
@@ -144,7 +144,7 @@ def subset_mask(early: Sequence[int], num: int) -> int:
 
 
 @dataclass(frozen=True)
-class Record:
+class PlacementRecord:
     """Scores and correctness of every candidate on one split, with the shared thresholds.
 
     Attributes:
@@ -167,7 +167,7 @@ class Record:
         *,
         num_thresholds: int = 64,
         thresholds: np.ndarray | None = None,
-    ) -> Record:
+    ) -> PlacementRecord:
         """Score ``record`` (an :class:`~offramp.evaluation.ExitRecord` of the candidate
         network) with ``criterion``; thresholds at ``num_thresholds`` quantiles of the pooled
         early-exit scores unless given (pass the calibration split's to a test split)."""
@@ -203,7 +203,7 @@ class Record:
 
 
 def evaluate_subsets(
-    cands: Candidates, record: Record, subsets: np.ndarray
+    cands: Candidates, record: PlacementRecord, subsets: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Expected cost and accuracy of every subset at every threshold of ``record``.
 
@@ -261,7 +261,7 @@ class OperatingPoint:
 
 
 def operating_points(
-    cands: Candidates, record: Record, subsets: np.ndarray, delta: float
+    cands: Candidates, record: PlacementRecord, subsets: np.ndarray, delta: float
 ) -> list[OperatingPoint]:
     """For each subset, the threshold with the lowest expected cost whose accuracy is at least
     the final exit's minus ``delta`` (a fraction) on ``record``; "never leave early" always

@@ -26,7 +26,7 @@ from offramp.errors import ConfigError
 from offramp.placement.problem import (
     Candidates,
     OperatingPoint,
-    Record,
+    PlacementRecord,
     operating_points,
     subset_mask,
 )
@@ -73,7 +73,7 @@ def pays(reach: float, leave: float, head_cost: float, final_cost: float, exit_c
     return reach * head_cost < leave * (final_cost - exit_cost)
 
 
-def _margins(cands: Candidates, record: Record, point: OperatingPoint) -> dict[int, float]:
+def _margins(cands: Candidates, record: PlacementRecord, point: OperatingPoint) -> dict[int, float]:
     """``γ_i (C_L − C_i) − r_i C(c_i)`` of every early exit of the subset at its threshold."""
     exits = record.exits(point.subset, point.threshold)
     cum = cands.cumulative(point.subset)
@@ -87,7 +87,7 @@ def _margins(cands: Candidates, record: Record, point: OperatingPoint) -> dict[i
 
 
 def prune(
-    cands: Candidates, record: Record, delta: float, start: int | None = None
+    cands: Candidates, record: PlacementRecord, delta: float, start: int | None = None
 ) -> tuple[OperatingPoint, list[dict[str, object]]]:
     """Eq. 4 pruning: from ``start`` (default: every candidate), calibrate the shared
     threshold for the accuracy target, drop the early exit that pays least if any does not
@@ -190,7 +190,7 @@ def spacing_fractions(count: int) -> tuple[float, ...]:
 
 
 def exhaustive(
-    cands: Candidates, record: Record, delta: float, size: int | None = None
+    cands: Candidates, record: PlacementRecord, delta: float, size: int | None = None
 ) -> OperatingPoint:
     """The subset with the lowest expected cost at the accuracy target, over every subset of
     the early candidates (or every subset of ``size`` of them).

@@ -15,7 +15,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from offramp._progress import progress
+from offramp.batches import check_batch_size, iterate_batches
 from offramp.errors import CheckpointError, ConfigError, DataError
 from offramp.evaluation import ExitRecord
 from offramp.files import read_torch, save_torch
@@ -181,46 +182,6 @@ def _lr_at(cfg: FitConfig, epoch: int) -> float:
     raise ConfigError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose 'constant' or 'cosine'")
 
 
-def _batches(
-    data: tuple[Tensor, ...] | Iterable[tuple[Tensor, ...]],
-    bs: int,
-    gen: torch.Generator,
-    rank: int = 0,
-    world: int = 1,
-) -> tuple[Iterable[tuple[Tensor, Tensor]], int | None]:
-    """Shuffled mini-batches of ``bs`` samples (of every tensor in ``data``: ``(X, y)`` or
-    ``(X, y, extra…)``); with ``world > 1`` each rank gets its contiguous
-    share of every global batch (all ranks draw the same permutation from the same seed)."""
-    if isinstance(data, tuple) and len(data) >= 2 and all(isinstance(t, Tensor) for t in data):
-        n = data[0].shape[0]
-        if any(t.shape[0] != n for t in data):
-            raise ConfigError(
-                f"training tensors disagree on the number of samples: {[t.shape[0] for t in data]}"
-            )
-        perm = torch.randperm(n, generator=gen)
-        starts = range(0, n, bs)
-
-        def gen_batches() -> Iterator[tuple[Tensor, ...]]:
-            for s in starts:
-                idx = perm[s : s + bs]
-                if world > 1:
-                    # equal shards, so the mean of the ranks' mean losses is the global mean:
-                    # a short tail batch loses its last (len % world) samples
-                    idx = idx[: len(idx) - len(idx) % world]
-                    if len(idx) == 0:
-                        continue
-                    idx = idx.tensor_split(world)[rank]
-                yield tuple(t[idx] for t in data)
-
-        return gen_batches(), len(starts)
-    if world > 1:
-        raise ConfigError(
-            "distributed training shards (X, y) tensors itself; pass tensors rather than an "
-            "iterable of batches"
-        )
-    return data, (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
-
-
 def tagged_checkpoint(checkpoint: str | Path | None, tag: str) -> str | None:
     """``checkpoint`` with ``.tag`` before its suffix: one file per fit of a multi-fit run.
 
@@ -276,8 +237,9 @@ def fit(
         (2, 2)
     """
     cfg = config or FitConfig()
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"epochs and batch_size must be ≥ 1, got {cfg.epochs}, {cfg.batch_size}")
+    check_batch_size(cfg.batch_size)
+    if cfg.epochs < 1:
+        raise ConfigError(f"epochs must be ≥ 1, got {cfg.epochs}")
     strategy = strategy or JointTraining()
     rank, world = world_info()
     if world > 1 and cfg.batch_size % world:
@@ -339,7 +301,9 @@ def fit(
         if hook is not None:
             hook(net, epoch, cfg.epochs)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        batches, per_epoch = _batches(train, cfg.batch_size, gen, rank, world)
+        batches, per_epoch = iterate_batches(
+            train, cfg.batch_size, generator=gen, rank=rank, world=world
+        )
         if on_batch is not None and per_epoch is None:
             raise ConfigError(
                 f"{type(strategy).__name__} schedules every step and needs the number of "

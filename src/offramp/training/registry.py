@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from offramp._values import to_float, to_int
+from offramp._values import to_bool, to_float, to_int
 from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork
 from offramp.training.joint import (
@@ -124,13 +124,7 @@ def _coerce(key: str, value: Any, tp: type) -> Any:
         return value  # None = default; sklearn may also be an estimator object
     try:
         if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1", "on"):
-                return True
-            if str(value).lower() in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
+            return to_bool(value)
         if tp is int:
             return to_int(value)
         if tp is float:
