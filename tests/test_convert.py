@@ -98,3 +98,35 @@ def test_exit_after_last_layer_is_refused():
     seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with pytest.raises(ConversionError, match="last layer"):
         attach_exits(seq, at=[1], example_input=torch.rand(1, 4))
+
+
+class _ConvBnRelu(nn.Module):
+    """A block whose forward ends in a functional op: ``F.relu(self.bn(self.conv(x)))``."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return torch.nn.functional.relu(self.bn(self.conv(x)))
+
+
+class _TwoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2 = _ConvBnRelu(1, 4), _ConvBnRelu(4, 4)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(self.b2(self.b1(x)).flatten(1))
+
+
+def test_an_exit_is_cut_at_the_named_modules_output_functional_ops_included():
+    torch.manual_seed(0)
+    model = _TwoBlocks().eval()
+    x = torch.randn(5, 1, 8, 8)
+    net = attach_exits(model, at=["b1"], example_input=x, head="linear").eval()
+    h = net.blocks[0](x)
+    torch.testing.assert_close(h, model.b1(x))  # post-ReLU: what b1 returns
+    assert (h >= 0).all()
+    torch.testing.assert_close(net(x).final, model(x))  # the ReLU did not move to block 1

@@ -58,11 +58,20 @@ def _split_sequential(model: nn.Sequential, at: Sequence[str | int]) -> list[nn.
 
 
 def _module_positions(nodes: list[torch.fx.Node]) -> dict[str, int]:
-    """Map every (prefix of a) called module's name to the index of its last graph node."""
+    """Map every module called in ``forward`` (and every prefix of its name) to the index of the
+    last graph node computed inside it: a module's own functional ops count (a block whose
+    ``forward`` ends in ``F.relu(self.bn(...))`` ends after the ReLU, not after ``bn``). Scopes
+    come from the tracer's module stack (``node.meta["nn_module_stack"]``)."""
     out: dict[str, int] = {}
     for idx, node in enumerate(nodes):
+        scopes: list[str] = []
         if node.op == "call_module":
-            parts = str(node.target).split(".")
+            scopes.append(str(node.target))
+        for key, value in node.meta.get("nn_module_stack", {}).items():
+            qualname = value[0] if isinstance(value, tuple) and value else key
+            scopes.append(str(qualname))
+        for scope in scopes:
+            parts = scope.split(".")
             for k in range(1, len(parts) + 1):
                 out[".".join(parts[:k])] = idx
     return out
