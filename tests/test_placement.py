@@ -20,7 +20,6 @@ from offramp.placement import (
     pays,
     place,
     prune,
-    spacing_fractions,
     subset_mask,
     train_candidate_heads,
     with_candidate_exits,
@@ -120,7 +119,7 @@ def test_exhaustive_equals_brute_force(seed, k, delta):
 @given(st.integers(0, 10_000), st.integers(3, 7), st.sampled_from([0.0, 0.05]))
 def test_search_never_costs_more_than_flops_spacing_with_as_many_exits(seed, k, delta):
     cands, rec = _random_problem(seed, k, 40)
-    spaced = flops_spacing(cands, spacing_fractions(2))
+    spaced = flops_spacing(cands, (0.15, 0.9))
     size = len(members(spaced, k))
     spaced_point = operating_points(cands, rec, np.array([spaced]), delta)[0]
     assert exhaustive(cands, rec, delta, size=size).cost <= spaced_point.cost + 1e-12
@@ -203,7 +202,6 @@ def test_flops_spacing_picks_nearest_candidates():
     assert members(flops_spacing(cands, (0.12, 0.33, 0.78)), 10) == [0, 2, 7]
     assert members(flops_spacing(cands, (0.33, 0.34)), 10) == [2]  # duplicates collapse
     assert len(members(flops_spacing(cands), 10)) == 6  # SDN's six fractions
-    assert spacing_fractions(6) == pytest.approx((0.15, 0.30, 0.45, 0.60, 0.75, 0.90))
 
 
 # ------------------------------------------------------------------- candidates, end to end

@@ -37,7 +37,6 @@ from offramp.placement.rules import (
     members,
     pays,
     prune,
-    spacing_fractions,
 )
 
 __all__ = [
@@ -62,7 +61,6 @@ __all__ = [
     "place",
     "placement_table",
     "prune",
-    "spacing_fractions",
     "subset_mask",
     "train_candidate_heads",
     "with_candidate_exits",

@@ -40,7 +40,6 @@ __all__ = [
     "members",
     "pays",
     "prune",
-    "spacing_fractions",
 ]
 
 #: Where SDN (Kaya et al. 2019) puts its six exits, as fractions of the backbone's FLOPs.
@@ -180,13 +179,6 @@ def flops_spacing(cands: Candidates, fractions: Sequence[float] = SDN_FRACTIONS)
         return subset_mask([], cands.num)
     chosen = {int(np.argmin(np.abs(depth - f))) for f in fractions}
     return subset_mask(sorted(chosen), cands.num)
-
-
-def spacing_fractions(count: int) -> tuple[float, ...]:
-    """``count`` fractions from 15 % to 90 % (SDN's six for ``count = 6``)."""
-    if count < 1:
-        raise ConfigError(f"need at least one exit to space, got {count}")
-    return (0.15,) if count == 1 else tuple(np.linspace(0.15, 0.90, count).tolist())
 
 
 def exhaustive(
