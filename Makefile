@@ -14,7 +14,7 @@ DATA   ?= ../shared/data
 BENCH = export OFFRAMP_DATA="$$(realpath -m "$${OFFRAMP_DATA:-$(DATA)}")" && cd benchmarks && \
 	$(abspath $(PY))
 
-.PHONY: demo test test-slow lint format bench bench-strategies bench-runtime bench-widths bench-placement clean
+.PHONY: demo test test-slow lint format docs-images bench bench-strategies bench-runtime bench-widths bench-placement clean
 
 $(BIN)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,21 @@ lint: $(BIN)/.deps-dev
 format: $(BIN)/.deps-dev
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
+
+# The pictures in README.md and docs/: each made by the command a user runs.
+IMAGES := docs/images
+docs-images: $(BIN)/.deps-demo
+	mkdir -p $(IMAGES) results/docs-images
+	$(BIN)/offramp demo --quiet --json results/docs-images/demo.json --plot $(IMAGES)/demo.png
+	$(BIN)/offramp train configs/train_digits_joint.yaml --quiet --epochs 20 \
+		--output-dir results/docs-images/train
+	$(BIN)/offramp evaluate results/docs-images/train
+	cp results/docs-images/train/analysis/pareto.png $(IMAGES)/pareto.png
+	$(BIN)/offramp calibrate results/docs-images/train --target-drop 0.5
+	cp results/docs-images/train/analysis/calibrate.png $(IMAGES)/calibrate.png
+	$(BIN)/offramp place configs/place_digits_resnet.yaml --quiet \
+		--output-dir results/docs-images/place
+	cp results/docs-images/place/placement.png $(IMAGES)/placement.png
 
 bench: $(BIN)/.deps-dev
 	$(BENCH) branchynet_mnist.py --json results/branchynet_mnist.json

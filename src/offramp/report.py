@@ -23,6 +23,7 @@ __all__ = [
     "plot_placement",
     "plot_policies",
     "plot_tradeoff",
+    "policy_groups",
     "tradeoff_curve",
 ]
 
@@ -120,19 +121,25 @@ def plot_pareto(
 
 def plot_policies(result: dict[str, Any], path: str | Path) -> Path:
     """``offramp calibrate``'s picture: each policy's test accuracy against its relative cost,
-    one marker per policy named in the legend (policies that land on the same spot stay
-    readable), the oracle and the final exit's accuracy."""
+    the oracle and the final exit's accuracy. Policies that land on the same spot share one
+    marker whose legend entry names them all, so every point stays readable.
+
+    Example:
+        >>> import tempfile
+        >>> rows = [{"policy": p, "relative_cost": 0.3, "test_accuracy": 0.9} for p in "ab"]
+        >>> r = {"policies": rows, "oracle": {"relative_cost": 0.2, "accuracy": 0.95},
+        ...      "final_exit_accuracy": 0.91}
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     plot_policies(r, Path(d) / "c.png").stat().st_size > 0
+        True
+    """
     fig, ax = _pyplot().subplots(figsize=(7.5, 4.2))
-    for k, row in enumerate(result["policies"]):
-        ax.scatter(
-            row["relative_cost"],
-            row["test_accuracy"],
-            s=40,
-            marker=_MARKERS[k % len(_MARKERS)],
-            facecolors="none" if k >= 10 else None,
-            color=f"C{k % 10}",
-            label=row["policy"],
+    for k, (cost, acc, names) in enumerate(policy_groups(result["policies"])):
+        label = (
+            ", ".join(names) if len(names) <= 3 else f"{len(names)} policies: " + ", ".join(names)
         )
+        ax.scatter(cost, acc, s=40 + 12 * (len(names) - 1), marker=_MARKERS[k % len(_MARKERS)],
+                   color=f"C{k % 10}", label=_wrap(label))  # fmt: skip
     o = result["oracle"]
     ax.scatter([o["relative_cost"]], [o["accuracy"]], marker="*", s=140, color="k", label="oracle")
     ax.axhline(
@@ -145,6 +152,52 @@ def plot_policies(result: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path, dpi=120)
 
 
+def policy_groups(
+    rows: Sequence[dict[str, Any]],
+    tolerance: float = 0.01,
+    span: tuple[float, float] | None = None,
+) -> list[tuple[float, float, list[str]]]:
+    """Policies grouped by where they land on a plot: ``(relative cost, test accuracy, names)``
+    per spot, at the first member's position, in order of first appearance. Two points share a
+    spot when they are within ``tolerance`` of the plot's span on both axes (markers that
+    would hide each other); ``span`` is the plot's ``(x span, y span)``, by default that of
+    ``rows``.
+
+    Example:
+        >>> rows = [{"policy": "a", "relative_cost": 0.3, "test_accuracy": 0.9},
+        ...         {"policy": "b", "relative_cost": 0.301, "test_accuracy": 0.9},
+        ...         {"policy": "c", "relative_cost": 0.5, "test_accuracy": 0.95}]
+        >>> policy_groups(rows)
+        [(0.3, 0.9, ['a', 'b']), (0.5, 0.95, ['c'])]
+    """
+    xs = [float(r["relative_cost"]) for r in rows]
+    ys = [float(r["test_accuracy"]) for r in rows]
+    if span is None:
+        span = ((max(xs) - min(xs)) if xs else 0.0, (max(ys) - min(ys)) if ys else 0.0)
+    dx, dy = tolerance * span[0] + 1e-12, tolerance * span[1] + 1e-12
+    groups: list[tuple[float, float, list[str]]] = []
+    for row, x, y in zip(rows, xs, ys, strict=True):
+        for gx, gy, names in groups:
+            if abs(x - gx) <= dx and abs(y - gy) <= dy:
+                names.append(row["policy"])
+                break
+        else:
+            groups.append((x, y, [row["policy"]]))
+    return groups
+
+
+def _wrap(label: str, width: int = 34) -> str:
+    """``label`` broken into lines of at most ``width`` characters, at commas."""
+    lines, line = [], ""
+    for word in label.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "\n".join([*lines, line])
+
+
 def plot_placement(
     rules: Sequence[tuple[str, float, float]],
     path: str | Path,
@@ -153,15 +206,26 @@ def plot_placement(
     unit: str = "flops",
     target_drop: float = 0.0,
 ) -> Path:
-    """``offramp place``'s picture: each rule's ``(name, relative cost, accuracy)`` on test,
-    over every exhaustive subset's point on validation when given."""
+    """``offramp place``'s picture: each rule's ``(name, relative cost, accuracy)`` on test
+    (rules that recommend the same point share one marker), over every exhaustive subset's
+    point on validation when given."""
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     if len(subsets):
         ax.scatter([c for c, _ in subsets], [100 * a for _, a in subsets], s=6, c="0.75",
                    label="every subset (validation)")  # fmt: skip
-    for k, (name, cost, acc) in enumerate(rules):
-        ax.scatter([cost], [100 * acc], s=40, marker=_MARKERS[k % len(_MARKERS)],
-                   label=f"{name} (test)")  # fmt: skip
+    rows = [{"policy": n, "relative_cost": c, "test_accuracy": a} for n, c, a in rules]
+    xs = [c for c, _ in subsets] + [c for _, c, _ in rules]
+    ys = [a for _, a in subsets] + [a for _, _, a in rules]
+    span = (max(xs) - min(xs), max(ys) - min(ys))
+    for k, (cost, acc, names) in enumerate(policy_groups(rows, span=span)):  # one spot, one marker
+        ax.scatter(
+            [cost],
+            [100 * acc],
+            s=40 + 12 * (len(names) - 1),
+            color=f"C{k % 10}",
+            marker=_MARKERS[k % len(_MARKERS)],
+            label=f"{', '.join(names)} (test)",
+        )
     ax.set_xlabel(f"expected cost / plain backbone ({unit})")
     ax.set_ylabel("accuracy %")
     ax.set_title(f"exit placement at ≤ {target_drop} pp drop")
