@@ -351,6 +351,7 @@ def fit(
             batches,
             total=per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batches",
             enabled=cfg.show_progress and rank == 0,
         )
         for batch in bar:
