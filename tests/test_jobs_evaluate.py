@@ -68,6 +68,32 @@ def test_calibrate_needs_exactly_one_goal(run_dir, capsys):
     assert "offramp train" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("goal", "words"),
+    [
+        (["--target-drop", "1", "--confidence", "2"], ["--confidence", "[0.5, 1)", "2.0"]),
+        (["--target-drop", "1", "--confidence", "0"], ["--confidence", "[0.5, 1)"]),
+        (["--target-drop", "1", "--confidence", "nan"], ["--confidence", "nan"]),
+        (["--target-drop", "nan"], ["--target-drop", "[0, 100)", "nan"]),
+        (["--target-drop", "-1"], ["--target-drop", "[0, 100)"]),
+        (["--target-drop", "100"], ["--target-drop", "percentage points"]),
+        (["--budget", "-1"], ["--budget", "(0, 1]", "-1.0"]),
+        (["--budget", "nan"], ["--budget", "(0, 1]", "nan"]),
+        (["--budget", "0"], ["--budget", "(0, 1]"]),
+        (["--budget", "1.5"], ["--budget", "fraction"]),
+    ],
+)
+def test_calibrate_refuses_a_bad_goal_before_any_work(tmp_path, capsys, goal, words):
+    """A goal calibration cannot meet is refused up front, in the flag's own units, before the
+    run is even looked at (here there is none: the goal's error comes first)."""
+    assert main(["calibrate", str(tmp_path / "no-run"), *goal]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("offramp: error:") and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err
+    assert "model.pt" not in err
+
+
 def test_overthinking_and_oracle_capture_by_hand():
     # exits right/wrong per sample: exit0 [1,0,1], exit1 [0,1,1]
     logits = np.zeros((2, 3, 2), dtype=np.float32)

@@ -18,6 +18,7 @@ Costs are FLOPs (``torch.utils.flop_counter``) or measured latency per exit (``-
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from offramp.analysis import calibration_table, oracle_summary, overthinking
 from offramp.calibration import calibrate_policies, pareto_front, report
+from offramp.calibration.checks import check_budget, check_confidence, check_delta
 from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
 from offramp.costs import profile
 from offramp.errors import ConfigError, DataError
@@ -37,6 +39,7 @@ from offramp.timing import exit_latencies
 __all__ = [
     "LoadedRun",
     "calibrate_run",
+    "check_goal",
     "evaluate_run",
     "format_calibration",
     "format_evaluation",
@@ -133,9 +136,7 @@ def calibrate_run(
 ) -> dict[str, Any]:
     """Every policy family calibrated on validation for the goal, reported on test
     (``confidence``: require a target accuracy at that one-sided confidence)."""
-    if (target_drop_pp is None) == (budget is None):
-        raise ConfigError("give exactly one of --target-drop (percentage points) or --budget")
-    delta = None if target_drop_pp is None else target_drop_pp / 100
+    delta = check_goal(target_drop_pp, budget, confidence)
     val, test, cum, info, gates = load_run(run_dir, cost=cost)
     policies = calibrate_policies(
         val, cum, delta=delta, budget=budget, confidence=confidence, feature_scorers=gates
@@ -146,6 +147,48 @@ def calibrate_run(
     if plot:
         result["plot"] = str(plot_policies(result, out / "calibrate.png"))
     return result
+
+
+def check_goal(
+    target_drop_pp: float | None, budget: float | None, confidence: float | None
+) -> float | None:
+    """The goal of ``offramp calibrate`` checked in the units of its flags, before any work:
+    ``--target-drop`` in ``[0, 100)`` percentage points, ``--budget`` in ``(0, 1]``,
+    ``--confidence`` in ``[0.5, 1)`` (NaN never). Returns the target drop as a fraction
+    (``delta``), ``None`` for a budget.
+
+    Example:
+        >>> check_goal(0.5, None, 0.95)
+        0.005
+    """
+    if (target_drop_pp is None) == (budget is None):
+        raise ConfigError("give exactly one of --target-drop (percentage points) or --budget")
+    delta = None
+    if target_drop_pp is not None:
+        drop = target_drop_pp if isinstance(target_drop_pp, (int, float)) else math.nan
+        if not 0 <= drop < 100:  # NaN fails the comparison too
+            raise ConfigError(
+                f"--target-drop is the accuracy drop you accept against the final exit, in "
+                f"percentage points in [0, 100), got {target_drop_pp}; e.g. 0.5 for half a "
+                "point, 0 to keep the final exit's accuracy"
+            )
+        delta = check_delta(drop / 100)
+    else:
+        try:
+            check_budget(budget)
+        except ConfigError:
+            raise ConfigError(
+                f"--budget is the expected cost you allow as a fraction of the full network's, "
+                f"in (0, 1], got {budget}; e.g. 0.5 for half the cost"
+            ) from None
+    try:
+        check_confidence(confidence)
+    except ConfigError:
+        raise ConfigError(
+            f"--confidence is the one-sided confidence level of the accuracy goal, in [0.5, 1), "
+            f"got {confidence}; e.g. 0.95, or leave it out for the plain accuracy"
+        ) from None
+    return delta
 
 
 def format_evaluation(r: dict[str, Any]) -> str:
