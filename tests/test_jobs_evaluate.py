@@ -10,7 +10,7 @@ from offramp.analysis import oracle_saving_captured, overthinking
 from offramp.calibration import calibrate_policies
 from offramp.cli import main
 from offramp.evaluation import ExitRecord
-from offramp.jobs.evaluate import load_run
+from offramp.jobs.evaluate import format_calibration, format_evaluation, load_run
 from offramp.jobs.train import load_config, load_datasets, load_gates, load_model
 from offramp.policies import decide
 from offramp.runtime import EarlyExitRuntime
@@ -92,6 +92,65 @@ def test_calibrate_refuses_a_bad_goal_before_any_work(tmp_path, capsys, goal, wo
     for w in words:
         assert w in err
     assert "model.pt" not in err
+
+
+def _calibration_result(goal):
+    row = {"val_accuracy": 0.9, "test_accuracy": 0.9, "relative_cost": 0.4}
+    return {
+        "goal": goal,
+        "cost": "flops",
+        "final_exit_accuracy": 0.9,
+        "oracle": {"accuracy": 0.97, "relative_cost": 0.5},
+        "policies": [
+            {**row, "policy": "entropy", "accuracy_drop_pp": -0.12,
+             "oracle_saving_captured": 1.025, "goal_held_on_test": True},
+            {**row, "policy": "margin", "accuracy_drop_pp": 0.3,
+             "oracle_saving_captured": 0.8, "goal_held_on_test": False},
+            {**row, "policy": "patience", "accuracy_drop_pp": 0.0,
+             "oracle_saving_captured": 0.5, "goal_held_on_test": True},
+        ],
+        "json": "run/analysis/calibrate.json",
+    }  # fmt: skip
+
+
+def test_calibration_text_speaks_the_users_units():
+    """The goal as the flag gave it; a gain never reads as a negative drop; the share of the
+    oracle's saving is named and explained, with a pointer to the docs."""
+    text = format_calibration(_calibration_result({"delta": 0.005}))
+    assert "accuracy drop ≤ 0.5 pp" in text and "delta" not in text
+    assert "+0.12 gain" in text and "-0.30 drop" in text and "drop pp" not in text
+    assert "oracle captured" not in text and "of oracle saving" in text
+    legend = text[text.index("change pp:") :]
+    assert "> 1" in legend and "lower accuracy" in legend and "docs/policies.md" in legend
+    text = format_calibration(_calibration_result({"budget": 0.5}))
+    assert "expected cost ≤ 0.5 of the full network" in text and "budget" not in text
+
+
+def test_evaluation_text_explains_its_columns():
+    r = {
+        "exit_accuracy": [0.8, 0.9],
+        "cumulative": [1.0, 2.0],
+        "overthinking": {"to_final": [0.03, 0.0], "final_accuracy": 0.9},
+        "calibration": {
+            "exits": [
+                {"exit": i, "temperature": 1.5, "ece_before": 0.1, "ece_after": 0.05}
+                for i in range(2)
+            ]
+        },
+        "oracle": {"accuracy": 0.95, "relative_cost": 0.6},
+        "pareto": {"front": [1], "points": [1, 2]},
+        "json": "run/analysis/evaluate.json",
+    }
+    text = format_evaluation(r)
+    table, legend = text.split("\n\n", 1)
+    assert "overthink→final" in table and "ECE after T" in table
+    for words in (
+        "overthink→final: share of test samples this exit gets right and the final exit wrong",
+        "T: temperature",
+        "ECE after T",
+        "docs/policies.md",
+    ):
+        assert words in legend, words
 
 
 def test_overthinking_and_oracle_capture_by_hand():

@@ -40,11 +40,19 @@ __all__ = [
     "LoadedRun",
     "calibrate_run",
     "check_goal",
+    "describe_goal",
     "evaluate_run",
     "format_calibration",
     "format_evaluation",
     "load_run",
 ]
+
+
+#: Where the tables' columns are explained at length.
+DOCS = "docs/policies.md"
+
+#: Confidence bins of the expected calibration error ``offramp evaluate`` reports.
+ECE_BINS = 15
 
 
 class LoadedRun(NamedTuple):
@@ -115,7 +123,7 @@ def evaluate_run(run_dir: str | Path, *, cost: str = "flops", plot: bool = True)
         "exit_accuracy": test.exit_accuracy().tolist(),
         "oracle": oracle_summary(test, cum),
         "overthinking": overthinking(test),
-        "calibration": calibration_table(val, test, temperatures=temps),
+        "calibration": calibration_table(val, test, bins=ECE_BINS, temperatures=temps),
         "pareto": front.to_dict(),
     }
     out = Path(run_dir) / "analysis"
@@ -192,7 +200,7 @@ def check_goal(
 
 
 def format_evaluation(r: dict[str, Any]) -> str:
-    """The evaluation as text tables."""
+    """The evaluation as a text table with a legend of its columns."""
     cal = {row["exit"]: row for row in r["calibration"]["exits"]}
     ot = r["overthinking"]
     rows = [
@@ -212,6 +220,14 @@ def format_evaluation(r: dict[str, Any]) -> str:
     lines = [
         format_table(head, rows),
         "",
+        "  accuracy: on the test split; C_i / C_L: cost of reaching the exit, relative to the "
+        "full network",
+        "  overthink→final: share of test samples this exit gets right and the final exit wrong",
+        "  T: temperature fitted on validation (the exit's logits are divided by T)",
+        f"  ECE: expected calibration error on test ({ECE_BINS} bins); ECE after T: the same with "
+        "the logits divided by T",
+        f"  see {DOCS} (Analysis)",
+        "",
         f"oracle (earliest right exit): accuracy {o['accuracy']:.4f} at relative cost "
         f"{o['relative_cost']:.3f}; final exit {ot['final_accuracy']:.4f}",
         f"Pareto front: {len(r['pareto']['front'])} points of {len(r['pareto']['points'])}",
@@ -220,15 +236,48 @@ def format_evaluation(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def describe_goal(goal: dict[str, float]) -> str:
+    """The goal of a calibration in the units of ``offramp calibrate``'s flags.
+
+    Example:
+        >>> describe_goal({"delta": 0.005})
+        'accuracy drop ≤ 0.5 pp against the final exit'
+        >>> describe_goal({"budget": 0.25})
+        "expected cost ≤ 0.25 of the full network's"
+    """
+    if "delta" in goal:
+        return f"accuracy drop ≤ {100 * goal['delta']:.6g} pp against the final exit"
+    return f"expected cost ≤ {goal['budget']:.6g} of the full network's"
+
+
+def _change(drop_pp: float) -> str:
+    """A policy's accuracy against the final exit's, signed and named: ``+0.12 gain``,
+    ``-0.30 drop`` (``accuracy_drop_pp`` is positive for a drop)."""
+    change = round(-drop_pp, 2)
+    if change > 0:
+        return f"+{change:.2f} gain"
+    if change < 0:
+        return f"{change:.2f} drop"
+    return "±0.00"
+
+
 def format_calibration(r: dict[str, Any]) -> str:
-    """The calibration report as a text table."""
-    head = ["policy", "val acc", "test acc", "drop pp", "cost", "oracle captured", "goal held"]
+    """The calibration report as a text table with a legend of its columns."""
+    head = [
+        "policy",
+        "val acc",
+        "test acc",
+        "change pp",
+        "cost",
+        "share of oracle saving",
+        "goal held",
+    ]
     rows = [
         [
             p["policy"],
             f"{p['val_accuracy']:.4f}",
             f"{p['test_accuracy']:.4f}",
-            f"{p['accuracy_drop_pp']:+.2f}",
+            _change(p["accuracy_drop_pp"]),
             f"{p['relative_cost']:.3f}",
             f"{p['oracle_saving_captured']:.3f}",
             "yes" if p["goal_held_on_test"] else "no",
@@ -238,9 +287,21 @@ def format_calibration(r: dict[str, Any]) -> str:
     o = r["oracle"]
     return "\n".join(
         [
-            f"goal: {r['goal']}; final exit accuracy on test {r['final_exit_accuracy']:.4f}; "
-            f"oracle {o['accuracy']:.4f} at cost {o['relative_cost']:.3f} ({r['cost']})",
+            f"goal: {describe_goal(r['goal'])}, calibrated on validation; final exit accuracy "
+            f"on test {r['final_exit_accuracy']:.4f}; oracle {o['accuracy']:.4f} at cost "
+            f"{o['relative_cost']:.3f} ({r['cost']})",
             format_table(head, rows),
+            "",
+            "  change pp: test accuracy minus the final exit's, percentage points (gain: above "
+            "it, drop: below)",
+            "  cost: expected cost on test relative to the full network (1: every sample runs "
+            "to the final exit)",
+            "  share of oracle saving: (1 − cost) / (1 − oracle cost), the part of the oracle's "
+            "cost saving this policy achieves;",
+            "    > 1: it saves more than the oracle, which is possible only at lower accuracy",
+            "  goal held: whether the goal met on validation also holds on test",
+            f"  see {DOCS} (Calibration, Analysis)",
+            "",
             f"written to {r['json']}" + (f" and {r['plot']}" if "plot" in r else ""),
         ]
     )
