@@ -275,9 +275,63 @@ def require_yaml() -> Any:
     return yaml
 
 
+class _DuplicateKey(Exception):
+    """A mapping in a config file sets ``key`` twice (``where``: the lines, when known)."""
+
+    def __init__(self, key: Any, where: str = "") -> None:
+        super().__init__(key)
+        self.key = key
+        self.where = where
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of :func:`json.loads`: a dict, or :class:`_DuplicateKey`."""
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+def _unique_key_loader(yaml: Any) -> type:
+    """A ``yaml.SafeLoader`` whose mappings refuse a key they already hold
+    (:class:`_DuplicateKey`) instead of keeping the last value. Keys merged in with ``<<``
+    may still be overridden: that is what merging is for."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, name-defined]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, f" (lines {first} and {line})")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """The mapping in a ``.yaml`` / ``.yml`` (needs pyyaml) or ``.json`` file (empty: ``{}``)."""
+    """The mapping in a ``.yaml`` / ``.yml`` (needs pyyaml) or ``.json`` file (empty: ``{}``).
+
+    Raises:
+        ConfigError: naming the file, when it is missing or a directory, is not UTF-8 text,
+            does not parse, sets a key twice in one mapping, or holds no mapping.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"config {path} is a directory, not a file; give the path of a .yaml, .yml or "
+            ".json config file"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".json"):
         raise ConfigError(
@@ -285,18 +339,32 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         )
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    if suffix == ".json":
-        try:
-            data = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    else:
-        yaml = require_yaml()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        if suffix == ".json":
+            try:
+                data = json.loads(text, object_pairs_hook=_unique_pairs) if text.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        else:
+            yaml = require_yaml()
+            try:
+                data = yaml.load(text, Loader=_unique_key_loader(yaml))  # a SafeLoader
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{path} sets key {dup.key!r} twice in one mapping{dup.where}; keep one of them "
+            "(the parser would silently use the last)"
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -128,8 +128,9 @@ class PlaceConfig:
 
 def load_place_config(path: str | Path) -> PlaceConfig:
     """Read a :class:`PlaceConfig` from YAML or JSON."""
+    data = read_mapping(path)  # its errors name the file already
     try:
-        return PlaceConfig.from_dict(read_mapping(path))
+        return PlaceConfig.from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 
