@@ -60,3 +60,14 @@ def test_equal_keys_in_different_mappings_are_fine(tmp_path):
         "epochs": 2,
         "options": {"schedule": "sdn", "schedule_value": 0.5},
     }
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_output_dir_is_refused(value):
+    """An empty output_dir would write the run's files into the current directory."""
+    from offramp.jobs.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="output_dir is empty"):
+        TrainConfig(output_dir=value)
+    with pytest.raises(ConfigError, match="output_dir is empty"):
+        TrainConfig.from_dict({"output_dir": value})

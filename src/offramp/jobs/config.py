@@ -24,6 +24,7 @@ from offramp.training.loop import FitConfig
 __all__ = [
     "DATASETS",
     "TrainConfig",
+    "check_output_dir",
     "did_you_mean",
     "load_config",
     "read_mapping",
@@ -66,7 +67,7 @@ class TrainConfig:
         optimizer: ``"adam"`` (AdamW) or ``"sgd"`` (with momentum).
         lr_schedule: ``"constant"`` or ``"cosine"``.
         seed: seeds the validation split, initialisation and training.
-        output_dir: where the run writes its files (see the module docstring).
+        output_dir: where the run writes its files (see the module docstring); not empty.
         resume: continue from ``output_dir/checkpoint.pt`` when it exists.
         show_progress: show a progress bar per epoch.
 
@@ -127,6 +128,7 @@ class TrainConfig:
         ):
             if not ok:
                 raise ConfigError(f"{name} must be {want}, got {value!r}")
+        check_output_dir(self.output_dir)
         if self.exits is not None and len(set(self.exits)) != len(self.exits):
             raise ConfigError(f"exits lists a block twice: {self.exits}")
         if self.dataset == "digits" and self.data_dir is not None:
@@ -196,6 +198,16 @@ def typed_fields(cls: type, d: Any, what: str) -> dict[str, Any]:
             )
         kwargs[key] = _convert(key, value, hints[key])
     return kwargs
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``ConfigError`` for an empty ``output_dir``: the run's files would land in the current
+    directory, among whatever else is there."""
+    if not output_dir.strip():
+        raise ConfigError(
+            f"output_dir is empty ({output_dir!r}): the run would write its files into the "
+            "current directory; give a directory of its own, e.g. runs/my_run"
+        )
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:

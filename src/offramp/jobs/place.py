@@ -29,7 +29,7 @@ import numpy as np
 
 from offramp.errors import ConfigError, DataError
 from offramp.files import read_torch, save_torch, write_json
-from offramp.jobs.config import TrainConfig, read_mapping, typed_fields
+from offramp.jobs.config import TrainConfig, check_output_dir, read_mapping, typed_fields
 from offramp.placement.estimate import (
     COSTS,
     cost_profile,
@@ -100,6 +100,7 @@ class PlaceConfig:
         for name, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        check_output_dir(self.output_dir)
         cfg = self.train_config()
         if cfg.val_fraction <= 0:
             raise ConfigError(
