@@ -210,6 +210,39 @@ def test_gated_run_saves_its_gates_and_calibrate_uses_them(gated_run, run_dir, c
     assert ev["gates"] is True
 
 
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("drop state_dict", ["lacks ['state_dict']", "retrain"]),
+        ("drop a tensor", ["does not fit the network its config describes", "Missing key"]),
+        ("reshape a tensor", ["does not fit the network its config describes", "size mismatch"]),
+    ],
+)
+def test_a_damaged_model_pt_is_one_line(run_dir, tmp_path, capsys, damage, words):
+    """`offramp evaluate` on a model.pt that lacks keys or holds wrong-shaped tensors: one
+    DataError line naming the file and the fix, no traceback."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("analysis"))
+    state = torch.load(run / "model.pt", weights_only=True)
+    sd = state["state_dict"]
+    name = next(iter(sd))
+    if damage == "drop state_dict":
+        del state["state_dict"]
+    elif damage == "drop a tensor":
+        del sd[name]
+    else:
+        sd[name] = torch.zeros(*sd[name].shape, 2)
+    torch.save(state, run / "model.pt")
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("offramp: error:") and len(err.strip().splitlines()) == 1
+    assert str(run / "model.pt") in err
+    for w in words:
+        assert w in err
+
+
 def test_a_write_that_fails_keeps_the_previous_results(run_dir, tmp_path):
     """A file-size limit (what a full disk does to a write) stops `offramp calibrate` with one
     line; the previous calibrate.json stays intact and valid, no temporary is left behind."""

@@ -248,6 +248,22 @@ def test_sklearn_heads_survive_model_pt_without_pickle(tmp_path):
     assert acc == pytest.approx(metrics["exit_accuracies"])
 
 
+@pytest.mark.parametrize("missing", [["rng"], ["history"], ["epoch", "optimizer"]])
+def test_a_checkpoint_missing_keys_is_one_line_naming_them(tmp_path, capsys, missing):
+    out = tmp_path / "run"
+    cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1, "train_limit": 100})
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    for k in missing:
+        del state[k]
+    torch.save(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("offramp: error:") and len(err.strip().splitlines()) == 1
+    assert str(missing) in err and "delete it" in err and "resume: false" in err
+
+
 class _Payload:
     """Unpickling this creates ``marker``: stands in for any code a crafted file would run."""
 

@@ -120,6 +120,23 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
         fit(net, (x, y), FitConfig(epochs=1, checkpoint=str(tmp_path / "bad.pt")))
 
 
+@pytest.mark.parametrize("missing", [["rng"], ["history"], ["epoch", "optimizer"], ["model"]])
+def test_checkpoint_missing_keys_is_refused_by_name(tmp_path, missing):
+    x, y = _data(32)
+    ckpt = tmp_path / "c.pt"
+    net = mlp((1, 8, 8), 4, hidden=(8, 8), seed=0)
+    cfg = FitConfig(epochs=2, checkpoint=str(ckpt), show_progress=False)
+    fit(net, (x, y), cfg)
+    state = torch.load(ckpt, weights_only=True)
+    for k in missing:
+        del state[k]
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError) as err:
+        fit(mlp((1, 8, 8), 4, hidden=(8, 8), seed=0), (x, y), cfg)
+    msg = str(err.value)
+    assert str(ckpt) in msg and str(missing) in msg and "delete it" in msg
+
+
 def test_bad_config():
     x, y = _data(8)
     net = mlp((1, 8, 8), 4, hidden=(8, 8))

@@ -22,13 +22,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from offramp.errors import ConfigError, DataError
+from offramp.errors import CheckpointError, ConfigError, DataError
 from offramp.files import read_json, read_torch, save_torch, write_csv, write_json, write_text
 from offramp.heads import SklearnHead
 from offramp.jobs.config import TrainConfig
 from offramp.models import build_model
 from offramp.network import MultiExitNetwork
-from offramp.training.loop import EpochLog, load_checkpoint
+from offramp.training.loop import EpochLog, load_fit_checkpoint
 
 __all__ = [
     "RESUME_FREE",
@@ -143,13 +143,21 @@ def _network(state: dict[str, Any]) -> MultiExitNetwork:
     try:
         net.load_state_dict(state["state_dict"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()
         raise DataError(
-            f"{where} does not fit the network its config describes "
-            f"({first[0] if first else type(exc).__name__}…); the file was changed or written "
-            "by another version: retrain the run"
+            f"{where} does not fit the network its config describes ({_first_problem(exc)}); "
+            "the file was changed or written by another version: retrain the run"
         ) from exc
     return net.eval()
+
+
+def _first_problem(exc: BaseException, limit: int = 160) -> str:
+    """The first specific line of a ``load_state_dict`` error (``Missing key(s) …``,
+    ``size mismatch for …``), shortened to ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _gates(state: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -210,7 +218,14 @@ def previous_rows(out: Path, cfg: TrainConfig, num_exits: int) -> list[dict[str,
         return []
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        return [history_row(EpochLog(**h), num_exits) for h in load_checkpoint(ckpt)["history"]]
+        history = load_fit_checkpoint(ckpt)["history"]
+        try:
+            return [history_row(EpochLog(**h), num_exits) for h in history]
+        except TypeError as exc:
+            raise CheckpointError(
+                f"checkpoint {ckpt} holds a history offramp cannot read ({exc}); delete it to "
+                "start over, or resume: false"
+            ) from exc
     if (out / "history.json").exists():  # strategies with one checkpoint per fit
         try:
             return list(read_json(out / "history.json"))

@@ -38,11 +38,13 @@ from offramp.training.distributed import (
 from offramp.training.joint import JointTraining
 
 __all__ = [
+    "CHECKPOINT_KEYS",
     "EpochLog",
     "FitConfig",
     "Strategy",
     "fit",
     "load_checkpoint",
+    "load_fit_checkpoint",
     "make_optimizer",
     "save_checkpoint",
     "tagged_checkpoint",
@@ -151,6 +153,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return read_torch(path)
     except DataError as exc:
         raise CheckpointError(f"checkpoint {exc}; delete it to start over") from exc
+
+
+#: What a checkpoint written by :func:`fit` holds.
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "history", "config")
+
+
+def load_fit_checkpoint(path: str | Path) -> dict[str, Any]:
+    """:func:`load_checkpoint` for a checkpoint :func:`fit` wrote: ``CheckpointError`` naming
+    the keys of :data:`CHECKPOINT_KEYS` it lacks (another program's file, or damaged)."""
+    state = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {missing}: it was not written by offramp's fit loop (or "
+            "by another version); delete it to start over, or do not resume from it "
+            "(resume: false in a config, resume=False in FitConfig)"
+        )
+    return state
 
 
 def _trainable(net: nn.Module, strategy: object) -> list[nn.Parameter]:
@@ -296,7 +316,7 @@ def fit(
     start = 0
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and cfg.resume and ckpt.exists():
-        state = load_checkpoint(ckpt)
+        state = load_fit_checkpoint(ckpt)
         if state.get("config") != cfg.fingerprint():
             raise CheckpointError(
                 f"checkpoint {ckpt} was written with settings {state.get('config')}, but this "
@@ -319,9 +339,15 @@ def fit(
                 f"checkpoint {ckpt} does not fit this network or optimiser ({exc}); it was "
                 "written for another model: use another checkpoint path, or resume=False"
             ) from exc
-        torch.set_rng_state(state["rng"])
-        history = [EpochLog(**h) for h in state["history"]]
-        start = state["epoch"]
+        try:
+            torch.set_rng_state(state["rng"])
+            history = [EpochLog(**h) for h in state["history"]]
+            start = int(state["epoch"])
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {ckpt} holds an unusable rng, history or epoch ({exc}); delete it "
+                "to start over, or resume=False"
+            ) from exc
         log.info("resumed from %s after epoch %d", ckpt, start)
 
     model: Any = ddp_wrap(net, strategy) if world > 1 else net
