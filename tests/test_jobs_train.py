@@ -180,6 +180,37 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert "epochs: 1 -> 2" in err and "output_dir" in err
 
 
+@pytest.mark.parametrize(
+    ("strategy", "options", "words"),
+    [
+        ("freezeout", {"t0": 2}, ["t0", "(0, 1]"]),
+        ("distill", {"alpha": 1.5}, ["alpha", "[0, 1]"]),
+        ("combined", {"mode": "blend"}, ["combine mode", "'blend'"]),
+        ("cost", {"beta": -1}, ["beta", "≥ 0"]),
+        ("layerwise", {"cache": "fast"}, ["cache", "'fast'"]),
+        ("heads", {"cache": "recompute"}, ["cache", "'recompute'"]),
+        ("heads", {"sklearn": "boosting"}, ["scikit-learn head", "'boosting'"]),
+        ("ib", {"epochs_per_stage": 0}, ["epochs_per_stage", "≥ 1"]),
+        ("layerwise", {"memory_budget_mb": -5}, ["memory_budget_mb", "> 0"]),
+    ],
+)
+def test_a_bad_strategy_option_is_refused_before_anything_is_written(
+    tmp_path, capsys, strategy, options, words
+):
+    """The strategy is built (or its options checked) before output_dir is touched, and the
+    message names the config file the option is in."""
+    out = tmp_path / "run"
+    cfg = _write_yaml(
+        tmp_path / "c.yaml", {**SMALL, "strategy": strategy, "options": options, "epochs": 1}
+    )
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"offramp: error: {cfg}: ") and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err
+    assert not out.exists()
+
+
 def test_interrupted_run_resumes_with_whole_history(tmp_path):
     """A run stopped after epoch 1 of 2 and re-run ends with both epochs in its history."""
     out = tmp_path / "run"

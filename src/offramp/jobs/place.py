@@ -136,8 +136,9 @@ def load_place_config(path: str | Path) -> PlaceConfig:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
-    """Train (or resume) the backbone, estimate every candidate and run every rule.
+def run_placement(cfg: PlaceConfig, *, config_path: str | Path | None = None) -> dict[str, Any]:
+    """Train (or resume) the backbone, estimate every candidate and run every rule
+    (``config_path``: the file ``cfg`` was read from, named by errors in its ``train``).
 
     Returns:
         What ``placement.json`` holds.
@@ -146,9 +147,9 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     from offramp.jobs.train import load_datasets, load_model, run_training
 
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.train_config()
-    run_training(tcfg)
+    run_training(tcfg, config_path=None if config_path is None else f"{config_path}: train")
+    out.mkdir(parents=True, exist_ok=True)
     backbone = load_model(Path(tcfg.output_dir) / "model.pt")
     splits = load_datasets(tcfg)
     cand = with_candidate_exits(backbone, cfg.head, cfg.candidates, seed=tcfg.seed)

@@ -14,12 +14,13 @@ This module and :mod:`offramp.cli` are the only places that read the environment
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,13 @@ def _resolved(cfg: TrainConfig, net: MultiExitNetwork) -> TrainConfig:
 # ---------------------------------------------------------------------------------- runs
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, *, config_path: str | Path | None = None) -> dict[str, Any]:
     """Run the training ``cfg`` describes and write its results into ``cfg.output_dir``.
+
+    Everything is checked before anything is written: the data, the network, the strategy and
+    its options (the strategy is built), the loop's settings and whether ``output_dir``'s
+    checkpoint may be resumed. A ``ConfigError`` found then names ``config_path`` (the file
+    ``cfg`` was read from) when it is given.
 
     Re-running with the same config resumes from ``output_dir/checkpoint.pt`` (a finished run
     trains no further epochs and rewrites the same results). Under ``torchrun`` (environment
@@ -150,7 +156,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     from offramp.evaluation import ExitRecord
     from offramp.training.distributed import barrier, init_process_group, world_info
-    from offramp.training.registry import make_strategy, train
+    from offramp.training.loop import check_fit
+    from offramp.training.registry import prepare_strategy, train
 
     joined = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
@@ -159,15 +166,18 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
         joined = True
     try:
-        rank, _ = world_info()
-        data = load_datasets(cfg)
-        x_train, y_train = data.train
-        num_classes = int(torch.cat([y_train, data.test[1]]).max()) + 1
-        in_size = int(x_train.shape[-1])
-        net = build_network(cfg, in_size, num_classes)
-        cfg = _resolved(cfg, net)
-        out = Path(cfg.output_dir)
-        check_resumable(out, cfg)
+        rank, world = world_info()
+        with _naming(config_path):  # every check before the first file is written
+            data = load_datasets(cfg)
+            x_train, y_train = data.train
+            num_classes = int(torch.cat([y_train, data.test[1]]).max()) + 1
+            in_size = int(x_train.shape[-1])
+            net = build_network(cfg, in_size, num_classes)
+            cfg = _resolved(cfg, net)
+            strategy = prepare_strategy(cfg.strategy, net, x_train[:2], cfg.options)
+            check_fit(cfg.fit_config(), strategy, world)
+            out = Path(cfg.output_dir)
+            check_resumable(out, cfg)
         barrier()  # every rank has read the old config before rank 0 replaces it
         rows: list[dict[str, Any]] = []
         if rank == 0:
@@ -180,16 +190,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
                 rows.append(history_row(log, net.num_exits))
                 write_history(out, rows)
 
-        gated = None
-        if cfg.strategy in GATED:  # built here and kept: its gates are saved with the model
-            gated = make_strategy(cfg.strategy, net, data.train[0][:2], **cfg.options)
         history = train(
             net,
             data.train,
             cfg.fit_config(),
-            cfg.strategy if gated is None else gated,
+            cfg.strategy if strategy is None else strategy,
             val=data.val if len(data.val[1]) else None,
-            options=cfg.options if gated is None else None,
+            options=cfg.options if strategy is None else None,
             callbacks=[record],
         )
         rec = ExitRecord.collect(net, data.test)
@@ -207,7 +214,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         }
         if rank == 0:
             write_history(out, [history_row(h, net.num_exits) for h in history])
-            gates = gated.gates_state() if gated is not None else None  # type: ignore[attr-defined]
+            gates = strategy.gates_state() if cfg.strategy in GATED else None  # type: ignore[union-attr]
             save_model(out, cfg, net, in_size, num_classes, gates)
             write_json(out / "metrics.json", metrics)
         barrier()
@@ -215,6 +222,17 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _naming(config_path: str | Path | None) -> Iterator[None]:
+    """A ``ConfigError`` raised inside, prefixed with the config file it is about."""
+    try:
+        yield
+    except ConfigError as exc:
+        if config_path is None:
+            raise
+        raise ConfigError(f"{config_path}: {exc}") from exc
 
 
 def format_summary(metrics: dict[str, Any], output_dir: str | Path) -> str:

@@ -42,6 +42,7 @@ __all__ = [
     "EpochLog",
     "FitConfig",
     "Strategy",
+    "check_fit",
     "fit",
     "load_checkpoint",
     "load_fit_checkpoint",
@@ -258,6 +259,23 @@ def _hook(strategy: object, name: str) -> Callable[..., Any] | None:
     return getattr(strategy, name, None)
 
 
+def check_fit(cfg: FitConfig, strategy: object, world: int = 1) -> None:
+    """``ConfigError`` for settings :func:`fit` cannot train with on ``world`` ranks, before
+    any training (``offramp train`` calls it before it writes anything)."""
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError(f"epochs and batch_size must be ≥ 1, got {cfg.epochs}, {cfg.batch_size}")
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is split over {world} ranks and must be a multiple of "
+            f"{world}; use e.g. {cfg.batch_size - cfg.batch_size % world or world}"
+        )
+    if world > 1 and getattr(strategy, "ddp_compatible", True) is False:
+        raise ConfigError(
+            f"{type(strategy).__name__} cannot run under DDP (it changes which parameters "
+            "train while training); run it in one process (--nproc 1)"
+        )
+
+
 def fit(
     net: MultiExitNetwork,
     train: tuple[Tensor, ...] | Iterable[tuple[Tensor, ...]],
@@ -296,15 +314,9 @@ def fit(
         (2, 2)
     """
     cfg = config or FitConfig()
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"epochs and batch_size must be ≥ 1, got {cfg.epochs}, {cfg.batch_size}")
     strategy = strategy or JointTraining()
     rank, world = world_info()
-    if world > 1 and cfg.batch_size % world:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} is split over {world} ranks and must be a multiple of "
-            f"{world}; use e.g. {cfg.batch_size - cfg.batch_size % world or world}"
-        )
+    check_fit(cfg, strategy, world)
     torch.manual_seed(cfg.seed)
     configure = _hook(strategy, "configure_optimizer")
     opt = (
