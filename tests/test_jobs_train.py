@@ -162,13 +162,34 @@ def test_train_writes_results_and_resumes(tmp_path, capsys, strategy):
     assert acc == metrics["exit_accuracies"]
 
     # the same command again resumes: nothing trained, the same history and results
-    before = {n: (out / n).read_text() for n in ("history.csv", "history.json", "metrics.json")}
+    before = {n: (out / n).read_text() for n in ("history.csv", "history.json")}
     mtime = (out / "checkpoint.pt").stat().st_mtime_ns
     assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
     assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime  # no epoch wrote it
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     after = {n: (out / n).read_text() for n in before}
     assert after == before
+    again = json.loads((out / "metrics.json").read_text())
+    assert (again["epochs_this_run"], metrics["epochs_this_run"]) == (0, 2)
+    this_run = ("epochs_this_run", "seconds_this_run")
+    assert {k: v for k, v in again.items() if k not in this_run} == {
+        k: v for k, v in metrics.items() if k not in this_run
+    }
+
+
+def test_rerunning_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1, "train_limit": 100})
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 1 epoch in" in printed and "already trained" not in printed
+    assert json.loads((out / "metrics.json").read_text())["epochs_this_run"] == 1
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"already trained: 1 epoch in {out}/, nothing to do (results rewritten)" in printed
+    assert "trained in" not in printed and "trained 1 epoch in" not in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_this_run"] == 0 and metrics["epochs"] == 1
 
 
 def test_resume_refuses_other_settings(tmp_path, capsys):

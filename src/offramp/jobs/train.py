@@ -140,7 +140,9 @@ def run_training(cfg: TrainConfig, *, config_path: str | Path | None = None) -> 
     Returns:
         The metrics also written to ``metrics.json``: ``strategy``, ``dataset``, ``backbone``,
         ``num_exits``, ``exit_accuracies`` (test accuracy of every exit), ``final_accuracy``,
-        ``train_seconds`` (sum of the epochs' times), ``epochs`` (history rows), ``test_samples``.
+        ``train_seconds`` (sum of the epochs' times), ``epochs`` (history rows),
+        ``epochs_this_run`` and ``seconds_this_run`` (what this call trained: 0 when the run
+        was finished already), ``test_samples``.
 
     Example:
         >>> import tempfile
@@ -180,12 +182,14 @@ def run_training(cfg: TrainConfig, *, config_path: str | Path | None = None) -> 
             check_resumable(out, cfg)
         barrier()  # every rank has read the old config before rank 0 replaces it
         rows: list[dict[str, Any]] = []
+        this_run: list[EpochLog] = []  # the epochs this call trains (none when finished)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_config(out, cfg)
             rows = previous_rows(out, cfg, net.num_exits)
 
         def record(log: EpochLog) -> None:
+            this_run.append(log)
             if rank == 0:
                 rows.append(history_row(log, net.num_exits))
                 write_history(out, rows)
@@ -210,6 +214,8 @@ def run_training(cfg: TrainConfig, *, config_path: str | Path | None = None) -> 
             "final_accuracy": acc[-1],
             "train_seconds": float(sum(h.seconds for h in history)),
             "epochs": len(history),
+            "epochs_this_run": len(this_run),
+            "seconds_this_run": float(sum(h.seconds for h in this_run)),
             "test_samples": len(data.test[1]),
         }
         if rank == 0:
@@ -236,23 +242,47 @@ def _naming(config_path: str | Path | None) -> Iterator[None]:
 
 
 def format_summary(metrics: dict[str, Any], output_dir: str | Path) -> str:
-    """The text ``offramp train`` prints: per-exit test accuracy and where the files are.
+    """The text ``offramp train`` prints: per-exit test accuracy, what this call trained and
+    where the files are.
 
     Example:
-        >>> print(format_summary({"exit_accuracies": [0.5, 0.75], "train_seconds": 1.0}, "out"))
+        >>> m = {"exit_accuracies": [0.5, 0.75], "epochs": 3, "epochs_this_run": 3,
+        ...      "seconds_this_run": 1.0}
+        >>> print(format_summary(m, "out"))
         exit  test accuracy
         ----  -------------
            0         0.5000
            1         0.7500
         <BLANKLINE>
-        trained in 1.0 s; results written to out/
+        trained 3 epochs in 1.0 s; results written to out/
+        >>> print(format_summary({**m, "epochs_this_run": 0}, "out").splitlines()[-1])
+        already trained: 3 epochs in out/, nothing to do (results rewritten)
+        >>> print(format_summary({**m, "epochs_this_run": 1}, "out").splitlines()[-1])
+        trained 1 more epoch in 1.0 s (resumed after epoch 2); results written to out/
     """
     from offramp.report import format_table
 
     rows = [[i, float(a)] for i, a in enumerate(metrics["exit_accuracies"])]
     table = format_table(["exit", "test accuracy"], rows)
-    secs = metrics.get("train_seconds", 0.0)
-    return f"{table}\n\ntrained in {secs:.1f} s; results written to {Path(output_dir)}/"
+    out = f"{Path(output_dir)}/"
+    total, done = metrics.get("epochs"), metrics.get("epochs_this_run")
+    if total is None or done is None:  # metrics of another version
+        secs = metrics.get("train_seconds", 0.0)
+        return f"{table}\n\ntrained in {secs:.1f} s; results written to {out}"
+
+    def epochs(n: int) -> str:
+        return f"{n} epoch{'' if n == 1 else 's'}"
+
+    secs = metrics.get("seconds_this_run", 0.0)
+    line = f"trained {epochs(done)} in {secs:.1f} s; results written to {out}"
+    if done == 0:
+        line = f"already trained: {epochs(total)} in {out}, nothing to do (results rewritten)"
+    elif done < total:
+        line = (
+            f"trained {done} more epoch{'' if done == 1 else 's'} in {secs:.1f} s (resumed "
+            f"after epoch {total - done}); results written to {out}"
+        )
+    return f"{table}\n\n{line}"
 
 
 def _free_port() -> int:
