@@ -196,9 +196,61 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1})
     assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    other = _write_yaml(tmp_path / "d.yaml", {**SMALL, "epochs": 1, "lr": 0.01})
+    assert main(["train", other, "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "lr: 0.003 -> 0.01" in err and "output_dir" in err
+
+
+def test_more_epochs_continue_a_finished_run(tmp_path, capsys):
+    """`--epochs 2` on a finished 1-epoch run trains epoch 2 (constant learning rate and λ:
+    the result is the 2-epoch run's); fewer epochs than trained are refused."""
+    out = tmp_path / "run"
+    cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1, "train_limit": 100})
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out), "--epochs", "2"]) == 0
+    assert "trained 1 more epoch" in capsys.readouterr().out
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["epochs_this_run"]) == (2, 1)
+    straight = tmp_path / "straight"
+    assert main(["train", cfg, "--quiet", "--output-dir", str(straight), "--epochs", "2"]) == 0
+    a = load_checkpoint(out / "checkpoint.pt")["model"]
+    b = load_checkpoint(straight / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    capsys.readouterr()
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 2  # epochs: 1 again
+    err = capsys.readouterr().err
+    assert "holds 2 epochs trained" in err and "epochs ≥ 2" in err
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2  # nothing rewritten
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"lr_schedule": "cosine"}, ["lr_schedule cosine anneals", "new output_dir"]),
+        ({"strategy": "freezeout"}, ["freezeout freezes each block"]),
+        ({"options": {"schedule": "sdn"}}, ["λ schedule sdn"]),
+        ({"strategy": "layerwise"}, ["strategy 'layerwise'", "stage"]),
+    ],
+)
+def test_more_epochs_are_refused_when_training_depends_on_the_total(
+    tmp_path, capsys, settings, words
+):
+    out = tmp_path / "run"
+    cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1, "train_limit": 100, **settings})
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    before = (out / "config.json").read_text()
+    capsys.readouterr()
     assert main(["train", cfg, "--quiet", "--output-dir", str(out), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert "epochs: 1 -> 2" in err and "output_dir" in err
+    assert err.startswith("offramp: error:") and len(err.strip().splitlines()) == 1
+    assert "epochs: 1" in err  # what would resume it
+    for w in words:
+        assert w in err
+    assert (out / "config.json").read_text() == before
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,12 @@ class TrainConfig:
         head: head of the early exits, a name in :data:`offramp.heads.HEADS`; ``None`` keeps
             the backbone's default (``conv`` for ``blenet``, ``linear`` for ``mlp``, ``pool``
             for ``resnet``).
-        epochs: passes over the training data.
+        epochs: passes over the training data. On resume it may grow (the run continues to
+            the new total) unless the training depends on the total — ``lr_schedule``
+            ``cosine``, the λ schedule ``sdn``, ``freezeout``, and the stage-by-stage
+            strategies ``layerwise``, ``ib`` and ``heads``, where extending would change the
+            epochs already trained: those need a new ``output_dir``. It never shrinks below
+            the epochs trained (see ``configs/README.md``).
         batch_size: samples per optimiser step (global: split over ranks under DDP).
         lr: learning rate.
         weight_decay: L2 penalty (decoupled for Adam: AdamW).

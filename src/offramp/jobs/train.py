@@ -179,7 +179,7 @@ def run_training(cfg: TrainConfig, *, config_path: str | Path | None = None) -> 
             strategy = prepare_strategy(cfg.strategy, net, x_train[:2], cfg.options)
             check_fit(cfg.fit_config(), strategy, world)
             out = Path(cfg.output_dir)
-            check_resumable(out, cfg)
+            check_resumable(out, cfg, strategy)
         barrier()  # every rank has read the old config before rank 0 replaces it
         rows: list[dict[str, Any]] = []
         this_run: list[EpochLog] = []  # the epochs this call trains (none when finished)

@@ -43,12 +43,15 @@ __all__ = [
     "FitConfig",
     "Strategy",
     "check_fit",
+    "epochs_change_problem",
     "fit",
     "load_checkpoint",
     "load_fit_checkpoint",
     "make_optimizer",
+    "refuse_epochs_change",
     "save_checkpoint",
     "tagged_checkpoint",
+    "total_epochs_use",
 ]
 
 log = logging.getLogger("offramp.training")
@@ -63,7 +66,11 @@ class Strategy(Protocol):
     - ``on_batch_start(net, optimizer, iteration, total_iterations)`` — per-step settings
       (freezeout's per-block learning rates); set ``manages_lr = True`` to keep the loop from
       overwriting the learning rates it sets;
-    - ``configure_optimizer(net, config) -> Optimizer`` — own parameter groups.
+    - ``configure_optimizer(net, config) -> Optimizer`` — own parameter groups;
+    - ``total_epochs_use() -> str | None`` — what in the strategy depends on the total number
+      of epochs (``None``: nothing), so whether a finished run may be continued to more epochs
+      (:func:`total_epochs_use`). A strategy with ``on_epoch_start`` or ``on_batch_start`` but
+      without this hook is taken to depend on the total.
 
     Attributes read if present: ``used_exits`` (exit indices the loss uses; under DDP the
     others are treated as unused) and ``ddp_compatible = False`` (refuse to run under DDP).
@@ -107,7 +114,8 @@ class FitConfig:
     show_progress: bool = True
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the run that wrote the checkpoint."""
+        """The fields a resumed run must share with the run that wrote the checkpoint
+        (``epochs`` may differ as far as :func:`epochs_change_problem` allows)."""
         d = asdict(self)
         for k in ("checkpoint", "resume", "show_progress"):
             d.pop(k)
@@ -259,6 +267,84 @@ def _hook(strategy: object, name: str) -> Callable[..., Any] | None:
     return getattr(strategy, name, None)
 
 
+def total_epochs_use(cfg: FitConfig, strategy: object) -> str | None:
+    """What in this training depends on the total number of epochs, ``None`` when nothing does.
+
+    A run whose training does not depend on the total may be continued to more epochs: the
+    extended run equals one started with the larger number (same shuffles, optimiser and RNG
+    state). One that does — ``lr_schedule="cosine"`` anneals over the total, a strategy's
+    ``total_epochs_use()`` names its own (freezeout's freezing points, the ``sdn`` λ schedule)
+    — would change the epochs already trained, so :func:`fit` refuses to change its total.
+
+    Example:
+        >>> total_epochs_use(FitConfig(lr_schedule="cosine"), JointTraining())
+        'lr_schedule cosine anneals the learning rate over the total epochs'
+        >>> total_epochs_use(FitConfig(), JointTraining()) is None
+        True
+    """
+    hook = getattr(strategy, "total_epochs_use", None)
+    if callable(hook):
+        use = hook()
+        if use is not None:
+            return str(use)
+    else:
+        hooks = [h for h in ("on_epoch_start", "on_batch_start") if _hook(strategy, h)]
+        if hooks:  # they receive the total and may depend on it
+            return (
+                f"{type(strategy).__name__}'s {' and '.join(hooks)} receive the total number of "
+                "epochs (if they do not depend on it, give the strategy a total_epochs_use() "
+                "that returns None)"
+            )
+    if cfg.lr_schedule == "cosine" and not getattr(strategy, "manages_lr", False):
+        return "lr_schedule cosine anneals the learning rate over the total epochs"
+    return None
+
+
+def epochs_change_problem(
+    trained: int, old_epochs: int | None, cfg: FitConfig, strategy: object
+) -> str | None:
+    """Why a checkpoint holding ``trained`` epochs of a run of ``old_epochs`` cannot continue
+    with ``cfg.epochs``, or ``None`` when it can: fewer epochs than trained, or a total that
+    the training depends on (:func:`total_epochs_use`). The reason is a predicate (``"holds 3
+    epochs trained, …"``) for the caller to give a subject and a fix."""
+    if cfg.epochs < trained:
+        return (
+            f"holds {_epochs(trained)} trained, more than the {cfg.epochs} asked for: give "
+            f"epochs ≥ {trained} to continue it"
+        )
+    if old_epochs is None or cfg.epochs == old_epochs:
+        return None
+    use = total_epochs_use(cfg, strategy)
+    if use is None:
+        return None
+    return (
+        f"was started for {_epochs(old_epochs)} and this run asks for {cfg.epochs}, but {use}: "
+        "changing the total would change the epochs already trained"
+    )
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def refuse_epochs_change(
+    checkpoint: str | Path | None, epochs: int, resume: bool, why: str
+) -> None:
+    """For a fit whose total cannot change (``why``: one of several fits that build on each
+    other): ``CheckpointError`` when ``checkpoint`` would be resumed and was written for
+    another number of epochs."""
+    if checkpoint is None or not resume or not Path(checkpoint).exists():
+        return
+    config = load_fit_checkpoint(checkpoint)["config"]
+    old = config.get("epochs") if isinstance(config, dict) else None
+    if old is not None and old != epochs:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was written for {old} epochs and this run asks for "
+            f"{epochs}, but {why}: changing the total would change what was trained on top of "
+            f"it; keep epochs={old}, use another checkpoint path, or resume=False"
+        )
+
+
 def check_fit(cfg: FitConfig, strategy: object, world: int = 1) -> None:
     """``ConfigError`` for settings :func:`fit` cannot train with on ``world`` ranks, before
     any training (``offramp train`` calls it before it writes anything)."""
@@ -329,11 +415,18 @@ def fit(
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and cfg.resume and ckpt.exists():
         state = load_fit_checkpoint(ckpt)
-        if state.get("config") != cfg.fingerprint():
+        old = dict(state["config"]) if isinstance(state["config"], dict) else {}
+        if {**old, "epochs": cfg.epochs} != cfg.fingerprint():
             raise CheckpointError(
                 f"checkpoint {ckpt} was written with settings {state.get('config')}, but this "
                 f"run uses {cfg.fingerprint()}; use the same settings, another checkpoint path, "
                 "or resume=False"
+            )
+        problem = epochs_change_problem(int(state["epoch"]), old.get("epochs"), cfg, strategy)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint {ckpt} {problem}; use another checkpoint path, or resume=False to "
+                "start over"
             )
         name = type(strategy).__name__
         if state.get("strategy_name", name) != name:
