@@ -79,3 +79,20 @@ def test_place_rejects_a_bad_config(tmp_path, capsys):
     path.write_text(json.dumps({"train": {"epoch": 3}}))
     assert main(["place", str(path)]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "place"])
+def test_an_empty_output_dir_is_refused(tmp_path, monkeypatch, capsys, command):
+    """`--output-dir ''` (or `output_dir: ''`) would write into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    train = {"train_limit": 100, "epochs": 1, "val_fraction": 0.2, "show_progress": False}
+    cfg = train if command == "train" else {"train": train, "head_epochs": 1}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    assert main([command, str(path), "--quiet", "--output-dir", ""]) == 2
+    assert "output_dir is empty" in capsys.readouterr().err
+    path.write_text(json.dumps({**cfg, "output_dir": ""}))
+    assert main([command, str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir is empty" in err and str(path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]

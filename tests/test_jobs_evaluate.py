@@ -10,7 +10,7 @@ from offramp.analysis import oracle_saving_captured, overthinking
 from offramp.calibration import calibrate_policies
 from offramp.cli import main
 from offramp.evaluation import ExitRecord
-from offramp.jobs.evaluate import load_run
+from offramp.jobs.evaluate import format_calibration, format_evaluation, load_run
 from offramp.jobs.train import load_config, load_datasets, load_gates, load_model
 from offramp.policies import decide_from_logits
 from offramp.runtime import EarlyExitRuntime
@@ -66,6 +66,91 @@ def test_calibrate_needs_exactly_one_goal(run_dir, capsys):
         main(["calibrate", str(run_dir)])
     assert main(["calibrate", str(run_dir / "nope"), "--budget", "0.5"]) == 2
     assert "offramp train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("goal", "words"),
+    [
+        (["--target-drop", "1", "--confidence", "2"], ["--confidence", "[0.5, 1)", "2.0"]),
+        (["--target-drop", "1", "--confidence", "0"], ["--confidence", "[0.5, 1)"]),
+        (["--target-drop", "1", "--confidence", "nan"], ["--confidence", "nan"]),
+        (["--target-drop", "nan"], ["--target-drop", "[0, 100)", "nan"]),
+        (["--target-drop", "-1"], ["--target-drop", "[0, 100)"]),
+        (["--target-drop", "100"], ["--target-drop", "percentage points"]),
+        (["--budget", "-1"], ["--budget", "(0, 1]", "-1.0"]),
+        (["--budget", "nan"], ["--budget", "(0, 1]", "nan"]),
+        (["--budget", "0"], ["--budget", "(0, 1]"]),
+        (["--budget", "1.5"], ["--budget", "fraction"]),
+    ],
+)
+def test_calibrate_refuses_a_bad_goal_before_any_work(tmp_path, capsys, goal, words):
+    """A goal calibration cannot meet is refused up front, in the flag's own units, before the
+    run is even looked at (here there is none: the goal's error comes first)."""
+    assert main(["calibrate", str(tmp_path / "no-run"), *goal]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("offramp: error:") and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err
+    assert "model.pt" not in err
+
+
+def _calibration_result(goal):
+    row = {"val_accuracy": 0.9, "test_accuracy": 0.9, "relative_cost": 0.4}
+    return {
+        "goal": goal,
+        "cost": "flops",
+        "final_exit_accuracy": 0.9,
+        "oracle": {"accuracy": 0.97, "relative_cost": 0.5},
+        "policies": [
+            {**row, "policy": "entropy", "accuracy_drop_pp": -0.12,
+             "oracle_saving_captured": 1.025, "goal_held_on_test": True},
+            {**row, "policy": "margin", "accuracy_drop_pp": 0.3,
+             "oracle_saving_captured": 0.8, "goal_held_on_test": False},
+            {**row, "policy": "patience", "accuracy_drop_pp": 0.0,
+             "oracle_saving_captured": 0.5, "goal_held_on_test": True},
+        ],
+        "json": "run/analysis/calibrate.json",
+    }  # fmt: skip
+
+
+def test_calibration_text_speaks_the_users_units():
+    """The goal as the flag gave it; a gain never reads as a negative drop; the share of the
+    oracle's saving is named and explained, with a pointer to the docs."""
+    text = format_calibration(_calibration_result({"delta": 0.005}))
+    assert "accuracy drop ≤ 0.5 pp" in text and "delta" not in text
+    assert "+0.12 gain" in text and "-0.30 drop" in text and "drop pp" not in text
+    assert "oracle captured" not in text and "of oracle saving" in text
+    legend = text[text.index("change pp:") :]
+    assert "> 1" in legend and "lower accuracy" in legend and "docs/policies.md" in legend
+    text = format_calibration(_calibration_result({"budget": 0.5}))
+    assert "expected cost ≤ 0.5 of the full network" in text and "budget" not in text
+
+
+def test_evaluation_text_explains_its_columns():
+    r = {
+        "exit_accuracy": [0.8, 0.9],
+        "cumulative": [1.0, 2.0],
+        "overthinking": {"to_final": [0.03, 0.0], "final_accuracy": 0.9},
+        "calibration": {
+            "exits": [
+                {"exit": i, "temperature": 1.5, "ece_before": 0.1, "ece_after": 0.05}
+                for i in range(2)
+            ]
+        },
+        "oracle": {"accuracy": 0.95, "relative_cost": 0.6},
+        "pareto": {"front": [1], "points": [1, 2]},
+        "json": "run/analysis/evaluate.json",
+    }
+    text = format_evaluation(r)
+    table, legend = text.split("\n\n", 1)
+    assert "overthink→final" in table and "ECE after T" in table
+    for words in (
+        "overthink→final: share of test samples this exit gets right and the final exit wrong",
+        "T: temperature",
+        "ECE after T",
+        "docs/policies.md",
+    ):
+        assert words in legend, words
 
 
 def test_overthinking_and_oracle_capture_by_hand():
@@ -124,6 +209,39 @@ def test_gated_run_saves_its_gates_and_calibrate_uses_them(gated_run, run_dir, c
     assert main(["evaluate", str(gated_run)]) == 0
     ev = json.loads((gated_run / "analysis" / "evaluate.json").read_text())
     assert ev["gates"] is True
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("drop state_dict", ["lacks ['state_dict']", "retrain"]),
+        ("drop a tensor", ["does not fit the network its config describes", "Missing key"]),
+        ("reshape a tensor", ["does not fit the network its config describes", "size mismatch"]),
+    ],
+)
+def test_a_damaged_model_pt_is_one_line(run_dir, tmp_path, capsys, damage, words):
+    """`offramp evaluate` on a model.pt that lacks keys or holds wrong-shaped tensors: one
+    DataError line naming the file and the fix, no traceback."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("analysis"))
+    state = torch.load(run / "model.pt", weights_only=True)
+    sd = state["state_dict"]
+    name = next(iter(sd))
+    if damage == "drop state_dict":
+        del state["state_dict"]
+    elif damage == "drop a tensor":
+        del sd[name]
+    else:
+        sd[name] = torch.zeros(*sd[name].shape, 2)
+    torch.save(state, run / "model.pt")
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("offramp: error:") and len(err.strip().splitlines()) == 1
+    assert str(run / "model.pt") in err
+    for w in words:
+        assert w in err
 
 
 def test_a_write_that_fails_keeps_the_previous_results(run_dir, tmp_path):

@@ -162,22 +162,126 @@ def test_train_writes_results_and_resumes(tmp_path, capsys, strategy):
     assert acc == metrics["exit_accuracies"]
 
     # the same command again resumes: nothing trained, the same history and results
-    before = {n: (out / n).read_text() for n in ("history.csv", "history.json", "metrics.json")}
+    before = {n: (out / n).read_text() for n in ("history.csv", "history.json")}
     mtime = (out / "checkpoint.pt").stat().st_mtime_ns
     assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
     assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime  # no epoch wrote it
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     after = {n: (out / n).read_text() for n in before}
     assert after == before
+    again = json.loads((out / "metrics.json").read_text())
+    assert (again["epochs_this_run"], metrics["epochs_this_run"]) == (0, 2)
+    this_run = ("epochs_this_run", "seconds_this_run")
+    assert {k: v for k, v in again.items() if k not in this_run} == {
+        k: v for k, v in metrics.items() if k not in this_run
+    }
+
+
+def test_rerunning_a_finished_run_says_nothing_was_trained(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1, "train_limit": 100})
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 1 epoch in" in printed and "already trained" not in printed
+    assert json.loads((out / "metrics.json").read_text())["epochs_this_run"] == 1
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"already trained: 1 epoch in {out}/, nothing to do (results rewritten)" in printed
+    assert "trained in" not in printed and "trained 1 epoch in" not in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_this_run"] == 0 and metrics["epochs"] == 1
 
 
 def test_resume_refuses_other_settings(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1})
     assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    other = _write_yaml(tmp_path / "d.yaml", {**SMALL, "epochs": 1, "lr": 0.01})
+    assert main(["train", other, "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "lr: 0.003 -> 0.01" in err and "output_dir" in err
+
+
+def test_more_epochs_continue_a_finished_run(tmp_path, capsys):
+    """`--epochs 2` on a finished 1-epoch run trains epoch 2 (constant learning rate and λ:
+    the result is the 2-epoch run's); fewer epochs than trained are refused."""
+    out = tmp_path / "run"
+    cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1, "train_limit": 100})
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out), "--epochs", "2"]) == 0
+    assert "trained 1 more epoch" in capsys.readouterr().out
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["epochs_this_run"]) == (2, 1)
+    straight = tmp_path / "straight"
+    assert main(["train", cfg, "--quiet", "--output-dir", str(straight), "--epochs", "2"]) == 0
+    a = load_checkpoint(out / "checkpoint.pt")["model"]
+    b = load_checkpoint(straight / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    capsys.readouterr()
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 2  # epochs: 1 again
+    err = capsys.readouterr().err
+    assert "holds 2 epochs trained" in err and "epochs ≥ 2" in err
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2  # nothing rewritten
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"lr_schedule": "cosine"}, ["lr_schedule cosine anneals", "new output_dir"]),
+        ({"strategy": "freezeout"}, ["freezeout freezes each block"]),
+        ({"options": {"schedule": "sdn"}}, ["λ schedule sdn"]),
+        ({"strategy": "layerwise"}, ["strategy 'layerwise'", "stage"]),
+    ],
+)
+def test_more_epochs_are_refused_when_training_depends_on_the_total(
+    tmp_path, capsys, settings, words
+):
+    out = tmp_path / "run"
+    cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1, "train_limit": 100, **settings})
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    before = (out / "config.json").read_text()
+    capsys.readouterr()
     assert main(["train", cfg, "--quiet", "--output-dir", str(out), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
-    assert "epochs: 1 -> 2" in err and "output_dir" in err
+    assert err.startswith("offramp: error:") and len(err.strip().splitlines()) == 1
+    assert "epochs: 1" in err  # what would resume it
+    for w in words:
+        assert w in err
+    assert (out / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options", "words"),
+    [
+        ("freezeout", {"t0": 2}, ["t0", "(0, 1]"]),
+        ("distill", {"alpha": 1.5}, ["alpha", "[0, 1]"]),
+        ("combined", {"mode": "blend"}, ["combine mode", "'blend'"]),
+        ("cost", {"beta": -1}, ["beta", "≥ 0"]),
+        ("layerwise", {"cache": "fast"}, ["cache", "'fast'"]),
+        ("heads", {"cache": "recompute"}, ["cache", "'recompute'"]),
+        ("heads", {"sklearn": "boosting"}, ["scikit-learn head", "'boosting'"]),
+        ("ib", {"epochs_per_stage": 0}, ["epochs_per_stage", "≥ 1"]),
+        ("layerwise", {"memory_budget_mb": -5}, ["memory_budget_mb", "> 0"]),
+    ],
+)
+def test_a_bad_strategy_option_is_refused_before_anything_is_written(
+    tmp_path, capsys, strategy, options, words
+):
+    """The strategy is built (or its options checked) before output_dir is touched, and the
+    message names the config file the option is in."""
+    out = tmp_path / "run"
+    cfg = _write_yaml(
+        tmp_path / "c.yaml", {**SMALL, "strategy": strategy, "options": options, "epochs": 1}
+    )
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"offramp: error: {cfg}: ") and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err
+    assert not out.exists()
 
 
 def test_interrupted_run_resumes_with_whole_history(tmp_path):
@@ -246,6 +350,22 @@ def test_sklearn_heads_survive_model_pt_without_pickle(tmp_path):
     data = load_datasets(load_config(tmp_path / "out" / "config.json"))
     acc = ExitRecord.collect(net, data.test).exit_accuracy().tolist()
     assert acc == pytest.approx(metrics["exit_accuracies"])
+
+
+@pytest.mark.parametrize("missing", [["rng"], ["history"], ["epoch", "optimizer"]])
+def test_a_checkpoint_missing_keys_is_one_line_naming_them(tmp_path, capsys, missing):
+    out = tmp_path / "run"
+    cfg = _write_yaml(tmp_path / "c.yaml", {**SMALL, "epochs": 1, "train_limit": 100})
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    for k in missing:
+        del state[k]
+    torch.save(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", cfg, "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("offramp: error:") and len(err.strip().splitlines()) == 1
+    assert str(missing) in err and "delete it" in err and "resume: false" in err
 
 
 class _Payload:

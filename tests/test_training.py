@@ -13,6 +13,7 @@ from offramp.training import (
     linear_in_depth,
     sdn_growing,
 )
+from offramp.training.freezeout import Freezeout
 
 
 def _data(n=96):
@@ -120,6 +121,73 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
         fit(net, (x, y), FitConfig(epochs=1, checkpoint=str(tmp_path / "bad.pt")))
 
 
+@pytest.mark.parametrize("missing", [["rng"], ["history"], ["epoch", "optimizer"], ["model"]])
+def test_checkpoint_missing_keys_is_refused_by_name(tmp_path, missing):
+    x, y = _data(32)
+    ckpt = tmp_path / "c.pt"
+    net = mlp((1, 8, 8), 4, hidden=(8, 8), seed=0)
+    cfg = FitConfig(epochs=2, checkpoint=str(ckpt), show_progress=False)
+    fit(net, (x, y), cfg)
+    state = torch.load(ckpt, weights_only=True)
+    for k in missing:
+        del state[k]
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError) as err:
+        fit(mlp((1, 8, 8), 4, hidden=(8, 8), seed=0), (x, y), cfg)
+    msg = str(err.value)
+    assert str(ckpt) in msg and str(missing) in msg and "delete it" in msg
+
+
+def test_a_finished_run_extends_to_more_epochs_like_a_longer_run(tmp_path):
+    """With a constant learning rate and λ, continuing a 1-epoch checkpoint to 3 epochs gives
+    the weights of a 3-epoch run; fewer epochs than the checkpoint holds are refused."""
+    x, y = _data()
+    cfg = dict(lr=1e-2, show_progress=False)
+    full = mlp((1, 8, 8), 4, hidden=(16, 16), seed=3)
+    fit(full, (x, y), FitConfig(epochs=3, **cfg), strategy=JointTraining(inception()))
+    ckpt = str(tmp_path / "c.pt")
+    fit(
+        mlp((1, 8, 8), 4, hidden=(16, 16), seed=3),
+        (x, y),
+        FitConfig(epochs=1, checkpoint=ckpt, **cfg),
+        strategy=JointTraining(inception()),
+    )
+    longer = mlp((1, 8, 8), 4, hidden=(16, 16), seed=3)
+    hist = fit(
+        longer,
+        (x, y),
+        FitConfig(epochs=3, checkpoint=ckpt, **cfg),
+        strategy=JointTraining(inception()),
+    )
+    assert [h.epoch for h in hist] == [0, 1, 2]
+    for pa, pb in zip(full.parameters(), longer.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    with pytest.raises(CheckpointError, match="holds 3 epochs trained"):
+        fit(longer, (x, y), FitConfig(epochs=2, checkpoint=ckpt, **cfg))
+
+
+@pytest.mark.parametrize(
+    ("settings", "make", "words"),
+    [
+        ({"lr_schedule": "cosine"}, JointTraining, "lr_schedule cosine"),
+        ({}, lambda: JointTraining(sdn_growing()), "λ schedule sdn"),
+        ({}, lambda: Freezeout(t0=0.5), "freezeout"),
+        ({}, lambda: JointTraining(lambda e, n, k: [e / n] * k), "custom"),
+    ],
+)
+def test_more_epochs_are_refused_when_training_depends_on_the_total(
+    tmp_path, settings, make, words
+):
+    x, y = _data(32)
+    ckpt = str(tmp_path / "c.pt")
+    cfg = dict(checkpoint=ckpt, show_progress=False, **settings)
+    net = mlp((1, 8, 8), 4, hidden=(8, 8), seed=0)
+    fit(net, (x, y), FitConfig(epochs=2, **cfg), strategy=make())
+    with pytest.raises(CheckpointError) as err:
+        fit(net, (x, y), FitConfig(epochs=3, **cfg), strategy=make())
+    assert words in str(err.value) and "epochs" in str(err.value)
+
+
 def test_bad_config():
     x, y = _data(8)
     net = mlp((1, 8, 8), 4, hidden=(8, 8))
@@ -129,3 +197,15 @@ def test_bad_config():
         fit(net, (x, y), FitConfig(epochs=0))
     with pytest.raises(ConfigError, match="diverged"):
         fit(net, (x * float("inf"), y), FitConfig(epochs=1, show_progress=False))
+
+
+def test_a_stage_by_stage_fit_refuses_another_total(tmp_path):
+    from offramp.training.layerwise import fit_layerwise
+
+    x, y = _data(32)
+    ckpt = str(tmp_path / "c.pt")
+    net = mlp((1, 8, 8), 4, hidden=(8, 8), seed=0)
+    fit_layerwise(net, (x, y), FitConfig(epochs=1, checkpoint=ckpt, show_progress=False))
+    net = mlp((1, 8, 8), 4, hidden=(8, 8), seed=0)
+    with pytest.raises(CheckpointError, match="layer-wise training trains every stage"):
+        fit_layerwise(net, (x, y), FitConfig(epochs=2, checkpoint=ckpt, show_progress=False))

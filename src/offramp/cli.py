@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return code
-    metrics = run_training(cfg)
+    metrics = run_training(cfg, config_path=args.config)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         print(format_summary(metrics, cfg.output_dir))
     return 0
@@ -80,7 +80,7 @@ def _place(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, output_dir=args.output_dir)
     if args.quiet:
         cfg = dataclasses.replace(cfg, train={**cfg.train, "show_progress": False})
-    print(format_placement(run_placement(cfg)))
+    print(format_placement(run_placement(cfg, config_path=args.config)))
     return 0
 
 

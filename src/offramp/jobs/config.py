@@ -24,6 +24,7 @@ from offramp.training.loop import FitConfig
 __all__ = [
     "DATASETS",
     "TrainConfig",
+    "check_output_dir",
     "did_you_mean",
     "load_config",
     "read_mapping",
@@ -59,14 +60,19 @@ class TrainConfig:
         head: head of the early exits, a name in :data:`offramp.heads.HEADS`; ``None`` keeps
             the backbone's default (``conv`` for ``blenet``, ``linear`` for ``mlp``, ``pool``
             for ``resnet``).
-        epochs: passes over the training data.
+        epochs: passes over the training data. On resume it may grow (the run continues to
+            the new total) unless the training depends on the total — ``lr_schedule``
+            ``cosine``, the λ schedule ``sdn``, ``freezeout``, and the stage-by-stage
+            strategies ``layerwise``, ``ib`` and ``heads``, where extending would change the
+            epochs already trained: those need a new ``output_dir``. It never shrinks below
+            the epochs trained (see ``configs/README.md``).
         batch_size: samples per optimiser step (global: split over ranks under DDP).
         lr: learning rate.
         weight_decay: L2 penalty (decoupled for Adam: AdamW).
         optimizer: ``"adam"`` (AdamW) or ``"sgd"`` (with momentum).
         lr_schedule: ``"constant"`` or ``"cosine"``.
         seed: seeds the validation split, initialisation and training.
-        output_dir: where the run writes its files (see the module docstring).
+        output_dir: where the run writes its files (see the module docstring); not empty.
         resume: continue from ``output_dir/checkpoint.pt`` when it exists.
         show_progress: show a progress bar per epoch.
 
@@ -127,6 +133,7 @@ class TrainConfig:
         ):
             if not ok:
                 raise ConfigError(f"{name} must be {want}, got {value!r}")
+        check_output_dir(self.output_dir)
         if self.exits is not None and len(set(self.exits)) != len(self.exits):
             raise ConfigError(f"exits lists a block twice: {self.exits}")
         if self.dataset == "digits" and self.data_dir is not None:
@@ -196,6 +203,16 @@ def typed_fields(cls: type, d: Any, what: str) -> dict[str, Any]:
             )
         kwargs[key] = _convert(key, value, hints[key])
     return kwargs
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``ConfigError`` for an empty ``output_dir``: the run's files would land in the current
+    directory, among whatever else is there."""
+    if not output_dir.strip():
+        raise ConfigError(
+            f"output_dir is empty ({output_dir!r}): the run would write its files into the "
+            "current directory; give a directory of its own, e.g. runs/my_run"
+        )
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
@@ -272,9 +289,63 @@ def require_yaml() -> Any:
     return yaml
 
 
+class _DuplicateKey(Exception):
+    """A mapping in a config file sets ``key`` twice (``where``: the lines, when known)."""
+
+    def __init__(self, key: Any, where: str = "") -> None:
+        super().__init__(key)
+        self.key = key
+        self.where = where
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of :func:`json.loads`: a dict, or :class:`_DuplicateKey`."""
+    d: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+def _unique_key_loader(yaml: Any) -> type:
+    """A ``yaml.SafeLoader`` whose mappings refuse a key they already hold
+    (:class:`_DuplicateKey`) instead of keeping the last value. Keys merged in with ``<<``
+    may still be overridden: that is what merging is for."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, name-defined]
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, f" (lines {first} and {line})")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """The mapping in a ``.yaml`` / ``.yml`` (needs pyyaml) or ``.json`` file (empty: ``{}``)."""
+    """The mapping in a ``.yaml`` / ``.yml`` (needs pyyaml) or ``.json`` file (empty: ``{}``).
+
+    Raises:
+        ConfigError: naming the file, when it is missing or a directory, is not UTF-8 text,
+            does not parse, sets a key twice in one mapping, or holds no mapping.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"config {path} is a directory, not a file; give the path of a .yaml, .yml or "
+            ".json config file"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".yaml", ".yml", ".json"):
         raise ConfigError(
@@ -282,18 +353,32 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         )
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    if suffix == ".json":
-        try:
-            data = json.loads(text) if text.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    else:
-        yaml = require_yaml()
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        if suffix == ".json":
+            try:
+                data = json.loads(text, object_pairs_hook=_unique_pairs) if text.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        else:
+            yaml = require_yaml()
+            try:
+                data = yaml.load(text, Loader=_unique_key_loader(yaml))  # a SafeLoader
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{path} sets key {dup.key!r} twice in one mapping{dup.where}; keep one of them "
+            "(the parser would silently use the last)"
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

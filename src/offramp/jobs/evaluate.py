@@ -18,6 +18,7 @@ Costs are FLOPs (``torch.utils.flop_counter``) or measured latency per exit (``-
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from offramp.analysis import calibration_table, oracle_summary, overthinking
 from offramp.calibration import calibrate_policies, pareto_front, report_on_test
+from offramp.calibration.checks import check_budget, check_confidence, check_delta
 from offramp.confidence import fit_learned_confidence, fit_temperatures, temperature_scorers
 from offramp.costs import COSTS, cumulative_costs
 from offramp.errors import ConfigError, DataError
@@ -36,11 +38,20 @@ from offramp.report import format_table, plot_policies
 __all__ = [
     "LoadedRun",
     "calibrate_run",
+    "check_goal",
+    "describe_goal",
     "evaluate_run",
     "format_calibration",
     "format_evaluation",
     "load_run",
 ]
+
+
+#: Where the tables' columns are explained at length.
+DOCS = "docs/policies.md"
+
+#: Confidence bins of the expected calibration error ``offramp evaluate`` reports.
+ECE_BINS = 15
 
 
 class LoadedRun(NamedTuple):
@@ -107,7 +118,7 @@ def evaluate_run(run_dir: str | Path, *, cost: str = "flops", plot: bool = True)
         "exit_accuracy": test.exit_accuracy().tolist(),
         "oracle": oracle_summary(test, cum),
         "overthinking": overthinking(test),
-        "calibration": calibration_table(val, test, temperatures=temps),
+        "calibration": calibration_table(val, test, bins=ECE_BINS, temperatures=temps),
         "pareto": front.to_dict(),
     }
     out = Path(run_dir) / "analysis"
@@ -128,9 +139,7 @@ def calibrate_run(
 ) -> dict[str, Any]:
     """Every policy family calibrated on validation for the goal, reported on test
     (``confidence``: require a target accuracy at that one-sided confidence)."""
-    if (target_drop_pp is None) == (budget is None):
-        raise ConfigError("give exactly one of --target-drop (percentage points) or --budget")
-    delta = None if target_drop_pp is None else target_drop_pp / 100
+    delta = check_goal(target_drop_pp, budget, confidence)
     val, test, cum, info, gates = load_run(run_dir, cost=cost)
     policies = calibrate_policies(
         val, cum, delta=delta, budget=budget, confidence=confidence, feature_scorers=gates
@@ -143,8 +152,50 @@ def calibrate_run(
     return result
 
 
+def check_goal(
+    target_drop_pp: float | None, budget: float | None, confidence: float | None
+) -> float | None:
+    """The goal of ``offramp calibrate`` checked in the units of its flags, before any work:
+    ``--target-drop`` in ``[0, 100)`` percentage points, ``--budget`` in ``(0, 1]``,
+    ``--confidence`` in ``[0.5, 1)`` (NaN never). Returns the target drop as a fraction
+    (``delta``), ``None`` for a budget.
+
+    Example:
+        >>> check_goal(0.5, None, 0.95)
+        0.005
+    """
+    if (target_drop_pp is None) == (budget is None):
+        raise ConfigError("give exactly one of --target-drop (percentage points) or --budget")
+    delta = None
+    if target_drop_pp is not None:
+        drop = target_drop_pp if isinstance(target_drop_pp, (int, float)) else math.nan
+        if not 0 <= drop < 100:  # NaN fails the comparison too
+            raise ConfigError(
+                f"--target-drop is the accuracy drop you accept against the final exit, in "
+                f"percentage points in [0, 100), got {target_drop_pp}; e.g. 0.5 for half a "
+                "point, 0 to keep the final exit's accuracy"
+            )
+        delta = check_delta(drop / 100)
+    else:
+        try:
+            check_budget(budget)
+        except ConfigError:
+            raise ConfigError(
+                f"--budget is the expected cost you allow as a fraction of the full network's, "
+                f"in (0, 1], got {budget}; e.g. 0.5 for half the cost"
+            ) from None
+    try:
+        check_confidence(confidence)
+    except ConfigError:
+        raise ConfigError(
+            f"--confidence is the one-sided confidence level of the accuracy goal, in [0.5, 1), "
+            f"got {confidence}; e.g. 0.95, or leave it out for the plain accuracy"
+        ) from None
+    return delta
+
+
 def format_evaluation(r: dict[str, Any]) -> str:
-    """The evaluation as text tables."""
+    """The evaluation as a text table with a legend of its columns."""
     cal = {row["exit"]: row for row in r["calibration"]["exits"]}
     ot = r["overthinking"]
     rows = [
@@ -164,6 +215,14 @@ def format_evaluation(r: dict[str, Any]) -> str:
     lines = [
         format_table(head, rows),
         "",
+        "  accuracy: on the test split; C_i / C_L: cost of reaching the exit, relative to the "
+        "full network",
+        "  overthink→final: share of test samples this exit gets right and the final exit wrong",
+        "  T: temperature fitted on validation (the exit's logits are divided by T)",
+        f"  ECE: expected calibration error on test ({ECE_BINS} bins); ECE after T: the same with "
+        "the logits divided by T",
+        f"  see {DOCS} (Analysis)",
+        "",
         f"oracle (earliest right exit): accuracy {o['accuracy']:.4f} at relative cost "
         f"{o['relative_cost']:.3f}; final exit {ot['final_accuracy']:.4f}",
         f"Pareto front: {len(r['pareto']['front'])} points of {len(r['pareto']['points'])}",
@@ -172,15 +231,48 @@ def format_evaluation(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def describe_goal(goal: dict[str, float]) -> str:
+    """The goal of a calibration in the units of ``offramp calibrate``'s flags.
+
+    Example:
+        >>> describe_goal({"delta": 0.005})
+        'accuracy drop ≤ 0.5 pp against the final exit'
+        >>> describe_goal({"budget": 0.25})
+        "expected cost ≤ 0.25 of the full network's"
+    """
+    if "delta" in goal:
+        return f"accuracy drop ≤ {100 * goal['delta']:.6g} pp against the final exit"
+    return f"expected cost ≤ {goal['budget']:.6g} of the full network's"
+
+
+def _change(drop_pp: float) -> str:
+    """A policy's accuracy against the final exit's, signed and named: ``+0.12 gain``,
+    ``-0.30 drop`` (``accuracy_drop_pp`` is positive for a drop)."""
+    change = round(-drop_pp, 2)
+    if change > 0:
+        return f"+{change:.2f} gain"
+    if change < 0:
+        return f"{change:.2f} drop"
+    return "±0.00"
+
+
 def format_calibration(r: dict[str, Any]) -> str:
-    """The calibration report as a text table."""
-    head = ["policy", "val acc", "test acc", "drop pp", "cost", "oracle captured", "goal held"]
+    """The calibration report as a text table with a legend of its columns."""
+    head = [
+        "policy",
+        "val acc",
+        "test acc",
+        "change pp",
+        "cost",
+        "share of oracle saving",
+        "goal held",
+    ]
     rows = [
         [
             p["policy"],
             f"{p['val_accuracy']:.4f}",
             f"{p['test_accuracy']:.4f}",
-            f"{p['accuracy_drop_pp']:+.2f}",
+            _change(p["accuracy_drop_pp"]),
             f"{p['relative_cost']:.3f}",
             f"{p['oracle_saving_captured']:.3f}",
             "yes" if p["goal_held_on_test"] else "no",
@@ -190,9 +282,21 @@ def format_calibration(r: dict[str, Any]) -> str:
     o = r["oracle"]
     return "\n".join(
         [
-            f"goal: {r['goal']}; final exit accuracy on test {r['final_exit_accuracy']:.4f}; "
-            f"oracle {o['accuracy']:.4f} at cost {o['relative_cost']:.3f} ({r['cost']})",
+            f"goal: {describe_goal(r['goal'])}, calibrated on validation; final exit accuracy "
+            f"on test {r['final_exit_accuracy']:.4f}; oracle {o['accuracy']:.4f} at cost "
+            f"{o['relative_cost']:.3f} ({r['cost']})",
             format_table(head, rows),
+            "",
+            "  change pp: test accuracy minus the final exit's, percentage points (gain: above "
+            "it, drop: below)",
+            "  cost: expected cost on test relative to the full network (1: every sample runs "
+            "to the final exit)",
+            "  share of oracle saving: (1 − cost) / (1 − oracle cost), the part of the oracle's "
+            "cost saving this policy achieves;",
+            "    > 1: it saves more than the oracle, which is possible only at lower accuracy",
+            "  goal held: whether the goal met on validation also holds on test",
+            f"  see {DOCS} (Calibration, Analysis)",
+            "",
             f"written to {r['json']}" + (f" and {r['plot']}" if "plot" in r else ""),
         ]
     )

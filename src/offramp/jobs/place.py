@@ -29,7 +29,7 @@ import numpy as np
 
 from offramp.errors import ConfigError, DataError
 from offramp.files import read_torch, save_torch, write_json
-from offramp.jobs.config import TrainConfig, read_mapping, typed_fields
+from offramp.jobs.config import TrainConfig, check_output_dir, read_mapping, typed_fields
 from offramp.placement.estimate import (
     COSTS,
     cost_table,
@@ -100,6 +100,7 @@ class PlaceConfig:
         for name, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        check_output_dir(self.output_dir)
         cfg = self.train_config()
         if cfg.val_fraction <= 0:
             raise ConfigError(
@@ -128,14 +129,16 @@ class PlaceConfig:
 
 def load_place_config(path: str | Path) -> PlaceConfig:
     """Read a :class:`PlaceConfig` from YAML or JSON."""
+    data = read_mapping(path)  # its errors name the file already
     try:
-        return PlaceConfig.from_dict(read_mapping(path))
+        return PlaceConfig.from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
-    """Train (or resume) the backbone, estimate every candidate and run every rule.
+def run_placement(cfg: PlaceConfig, *, config_path: str | Path | None = None) -> dict[str, Any]:
+    """Train (or resume) the backbone, estimate every candidate and run every rule
+    (``config_path``: the file ``cfg`` was read from, named by errors in its ``train``).
 
     Returns:
         What ``placement.json`` holds.
@@ -144,9 +147,9 @@ def run_placement(cfg: PlaceConfig) -> dict[str, Any]:
     from offramp.jobs.train import load_datasets, load_model, run_training
 
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tcfg = cfg.train_config()
-    run_training(tcfg)
+    run_training(tcfg, config_path=None if config_path is None else f"{config_path}: train")
+    out.mkdir(parents=True, exist_ok=True)
     backbone = load_model(Path(tcfg.output_dir) / "model.pt")
     splits = load_datasets(tcfg)
     cand = with_candidate_exits(backbone, cfg.head, cfg.candidates, seed=tcfg.seed)

@@ -22,13 +22,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from offramp.errors import ConfigError, DataError
+from offramp.errors import CheckpointError, ConfigError, DataError
 from offramp.files import read_json, read_torch, save_torch, write_csv, write_json, write_text
 from offramp.heads import SklearnHead
 from offramp.jobs.config import TrainConfig
 from offramp.models import build_model
 from offramp.network import MultiExitNetwork
-from offramp.training.loop import EpochLog, load_checkpoint
+from offramp.training.loop import EpochLog, epochs_change_problem, load_fit_checkpoint
 
 __all__ = [
     "RESUME_FREE",
@@ -143,13 +143,21 @@ def _network(state: dict[str, Any]) -> MultiExitNetwork:
     try:
         net.load_state_dict(state["state_dict"])
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()
         raise DataError(
-            f"{where} does not fit the network its config describes "
-            f"({first[0] if first else type(exc).__name__}…); the file was changed or written "
-            "by another version: retrain the run"
+            f"{where} does not fit the network its config describes ({_first_problem(exc)}); "
+            "the file was changed or written by another version: retrain the run"
         ) from exc
     return net.eval()
+
+
+def _first_problem(exc: BaseException, limit: int = 160) -> str:
+    """The first specific line of a ``load_state_dict`` error (``Missing key(s) …``,
+    ``size mismatch for …``), shortened to ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _gates(state: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -210,7 +218,14 @@ def previous_rows(out: Path, cfg: TrainConfig, num_exits: int) -> list[dict[str,
         return []
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        return [history_row(EpochLog(**h), num_exits) for h in load_checkpoint(ckpt)["history"]]
+        history = load_fit_checkpoint(ckpt)["history"]
+        try:
+            return [history_row(EpochLog(**h), num_exits) for h in history]
+        except TypeError as exc:
+            raise CheckpointError(
+                f"checkpoint {ckpt} holds a history offramp cannot read ({exc}); delete it to "
+                "start over, or resume: false"
+            ) from exc
     if (out / "history.json").exists():  # strategies with one checkpoint per fit
         try:
             return list(read_json(out / "history.json"))
@@ -234,8 +249,16 @@ def write_config(out: Path, cfg: TrainConfig) -> None:
     write_text(out / "config.yaml", text + yaml.safe_dump(d, sort_keys=False))
 
 
-def check_resumable(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to resume a checkpoint in ``out`` that a run with other settings wrote."""
+def check_resumable(out: Path, cfg: TrainConfig, strategy: object = None) -> None:
+    """Refuse to resume a checkpoint in ``out`` that a run with other settings wrote.
+
+    ``epochs`` may change (``strategy``: the step strategy the run trains with, ``None`` for
+    the strategies of :data:`~offramp.training.registry.MULTI_FIT`): to more epochs than
+    trained when nothing in the training depends on the total
+    (:func:`~offramp.training.loop.total_epochs_use`), never to fewer.
+    """
+    from offramp.training.registry import MULTI_FIT
+
     if not cfg.resume or not any(out.glob("checkpoint*.pt")) or not (out / "config.json").exists():
         return
     try:
@@ -243,10 +266,29 @@ def check_resumable(out: Path, cfg: TrainConfig) -> None:
     except DataError:
         return
     new = cfg.to_dict()
-    diff = sorted(k for k in new if k not in RESUME_FREE and old.get(k) != new[k])
+    diff = sorted(k for k in new if k not in (*RESUME_FREE, "epochs") and old.get(k) != new[k])
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
         raise ConfigError(
             f"{out} holds a checkpoint of a run with other settings ({changes}); use another "
             "output_dir, or resume: false to start over there"
         )
+    before = old.get("epochs")
+    if before == cfg.epochs:
+        return
+    fix = "start a new output_dir (or resume: false to start over there)"
+    if cfg.strategy in MULTI_FIT:
+        raise ConfigError(
+            f"{out} holds a run of {before} epoch{'' if before == 1 else 's'} and this run asks "
+            f"for {cfg.epochs}, but "
+            f"strategy {cfg.strategy!r} trains stage by stage, each stage on the ones before "
+            f"it: changing epochs would change stages trained already; keep epochs: {before} "
+            f"to resume it, or {fix}"
+        )
+    ckpt = out / "checkpoint.pt"
+    trained = int(load_fit_checkpoint(ckpt)["epoch"]) if ckpt.exists() else 0
+    problem = epochs_change_problem(trained, before, cfg.fit_config(), strategy)
+    if problem is None:
+        return
+    fix = f"keep epochs: {before} to resume it, or {fix}" if cfg.epochs >= trained else f"or {fix}"
+    raise ConfigError(f"the run in {out} {problem}; {fix}")

@@ -14,12 +14,13 @@ This module and :mod:`offramp.cli` are the only places that read the environment
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,13 @@ def _resolved(cfg: TrainConfig, net: MultiExitNetwork) -> TrainConfig:
 # ---------------------------------------------------------------------------------- runs
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, *, config_path: str | Path | None = None) -> dict[str, Any]:
     """Run the training ``cfg`` describes and write its results into ``cfg.output_dir``.
+
+    Everything is checked before anything is written: the data, the network, the strategy and
+    its options (the strategy is built), the loop's settings and whether ``output_dir``'s
+    checkpoint may be resumed. A ``ConfigError`` found then names ``config_path`` (the file
+    ``cfg`` was read from) when it is given.
 
     Re-running with the same config resumes from ``output_dir/checkpoint.pt`` (a finished run
     trains no further epochs and rewrites the same results). Under ``torchrun`` (environment
@@ -134,7 +140,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     Returns:
         The metrics also written to ``metrics.json``: ``strategy``, ``dataset``, ``backbone``,
         ``num_exits``, ``exit_accuracies`` (test accuracy of every exit), ``final_accuracy``,
-        ``train_seconds`` (sum of the epochs' times), ``epochs`` (history rows), ``test_samples``.
+        ``train_seconds`` (sum of the epochs' times), ``epochs`` (history rows),
+        ``epochs_this_run`` and ``seconds_this_run`` (what this call trained: 0 when the run
+        was finished already), ``test_samples``.
 
     Example:
         >>> import tempfile
@@ -150,7 +158,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     from offramp.evaluation import ExitRecord
     from offramp.training.distributed import barrier, init_process_group, world_info
-    from offramp.training.registry import make_strategy, train
+    from offramp.training.loop import check_fit
+    from offramp.training.registry import prepare_strategy, train
 
     joined = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
@@ -159,37 +168,39 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         init_process_group(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
         joined = True
     try:
-        rank, _ = world_info()
-        data = load_datasets(cfg)
-        x_train, y_train = data.train
-        num_classes = int(torch.cat([y_train, data.test[1]]).max()) + 1
-        in_size = int(x_train.shape[-1])
-        net = build_network(cfg, in_size, num_classes)
-        cfg = _resolved(cfg, net)
-        out = Path(cfg.output_dir)
-        check_resumable(out, cfg)
+        rank, world = world_info()
+        with _naming(config_path):  # every check before the first file is written
+            data = load_datasets(cfg)
+            x_train, y_train = data.train
+            num_classes = int(torch.cat([y_train, data.test[1]]).max()) + 1
+            in_size = int(x_train.shape[-1])
+            net = build_network(cfg, in_size, num_classes)
+            cfg = _resolved(cfg, net)
+            strategy = prepare_strategy(cfg.strategy, net, x_train[:2], cfg.options)
+            check_fit(cfg.fit_config(), strategy, world)
+            out = Path(cfg.output_dir)
+            check_resumable(out, cfg, strategy)
         barrier()  # every rank has read the old config before rank 0 replaces it
         rows: list[dict[str, Any]] = []
+        this_run: list[EpochLog] = []  # the epochs this call trains (none when finished)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_config(out, cfg)
             rows = previous_rows(out, cfg, net.num_exits)
 
         def record(log: EpochLog) -> None:
+            this_run.append(log)
             if rank == 0:
                 rows.append(history_row(log, net.num_exits))
                 write_history(out, rows)
 
-        gated = None
-        if cfg.strategy in GATED:  # built here and kept: its gates are saved with the model
-            gated = make_strategy(cfg.strategy, net, data.train[0][:2], **cfg.options)
         history = train(
             net,
             data.train,
             cfg.fit_config(),
-            cfg.strategy if gated is None else gated,
+            cfg.strategy if strategy is None else strategy,
             val=data.val if len(data.val[1]) else None,
-            options=cfg.options if gated is None else None,
+            options=cfg.options if strategy is None else None,
             callbacks=[record],
         )
         rec = ExitRecord.collect(net, data.test)
@@ -203,11 +214,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             "final_accuracy": acc[-1],
             "train_seconds": float(sum(h.seconds for h in history)),
             "epochs": len(history),
+            "epochs_this_run": len(this_run),
+            "seconds_this_run": float(sum(h.seconds for h in this_run)),
             "test_samples": len(data.test[1]),
         }
         if rank == 0:
             write_history(out, [history_row(h, net.num_exits) for h in history])
-            gates = gated.gates_state() if gated is not None else None  # type: ignore[attr-defined]
+            gates = strategy.gates_state() if cfg.strategy in GATED else None  # type: ignore[union-attr]
             save_model(out, cfg, net, in_size, num_classes, gates)
             write_json(out / "metrics.json", metrics)
         barrier()
@@ -217,24 +230,59 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _naming(config_path: str | Path | None) -> Iterator[None]:
+    """A ``ConfigError`` raised inside, prefixed with the config file it is about."""
+    try:
+        yield
+    except ConfigError as exc:
+        if config_path is None:
+            raise
+        raise ConfigError(f"{config_path}: {exc}") from exc
+
+
 def format_summary(metrics: dict[str, Any], output_dir: str | Path) -> str:
-    """The text ``offramp train`` prints: per-exit test accuracy and where the files are.
+    """The text ``offramp train`` prints: per-exit test accuracy, what this call trained and
+    where the files are.
 
     Example:
-        >>> print(format_summary({"exit_accuracies": [0.5, 0.75], "train_seconds": 1.0}, "out"))
+        >>> m = {"exit_accuracies": [0.5, 0.75], "epochs": 3, "epochs_this_run": 3,
+        ...      "seconds_this_run": 1.0}
+        >>> print(format_summary(m, "out"))
         exit  test accuracy
         ----  -------------
            0         0.5000
            1         0.7500
         <BLANKLINE>
-        trained in 1.0 s; results written to out/
+        trained 3 epochs in 1.0 s; results written to out/
+        >>> print(format_summary({**m, "epochs_this_run": 0}, "out").splitlines()[-1])
+        already trained: 3 epochs in out/, nothing to do (results rewritten)
+        >>> print(format_summary({**m, "epochs_this_run": 1}, "out").splitlines()[-1])
+        trained 1 more epoch in 1.0 s (resumed after epoch 2); results written to out/
     """
     from offramp.report import format_table
 
     rows = [[i, float(a)] for i, a in enumerate(metrics["exit_accuracies"])]
     table = format_table(["exit", "test accuracy"], rows)
-    secs = metrics.get("train_seconds", 0.0)
-    return f"{table}\n\ntrained in {secs:.1f} s; results written to {Path(output_dir)}/"
+    out = f"{Path(output_dir)}/"
+    total, done = metrics.get("epochs"), metrics.get("epochs_this_run")
+    if total is None or done is None:  # metrics of another version
+        secs = metrics.get("train_seconds", 0.0)
+        return f"{table}\n\ntrained in {secs:.1f} s; results written to {out}"
+
+    def epochs(n: int) -> str:
+        return f"{n} epoch{'' if n == 1 else 's'}"
+
+    secs = metrics.get("seconds_this_run", 0.0)
+    line = f"trained {epochs(done)} in {secs:.1f} s; results written to {out}"
+    if done == 0:
+        line = f"already trained: {epochs(total)} in {out}, nothing to do (results rewritten)"
+    elif done < total:
+        line = (
+            f"trained {done} more epoch{'' if done == 1 else 's'} in {secs:.1f} s (resumed "
+            f"after epoch {total - done}); results written to {out}"
+        )
+    return f"{table}\n\n{line}"
 
 
 def _free_port() -> int:

@@ -152,6 +152,14 @@ class Freezeout(JointTraining):
                 self._group_modules.append(modules)
         return make_optimizer(param_groups, cfg)
 
+    def total_epochs_use(self) -> str | None:
+        """Freezing points are fractions of the whole training: extending it would thaw
+        blocks frozen already."""
+        return (
+            "freezeout freezes each block at a fraction of the total training steps and "
+            "anneals its learning rate to 0 there"
+        )
+
     def on_batch_start(
         self, net: MultiExitNetwork, optimizer: torch.optim.Optimizer, iteration: int, total: int
     ) -> None:

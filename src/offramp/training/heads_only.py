@@ -33,7 +33,13 @@ from offramp.training.cache import FeatureStore, cache_outputs
 from offramp.training.distributed import world_info
 from offramp.training.joint import JointTraining
 from offramp.training.layerwise import freeze, widen_log
-from offramp.training.loop import EpochLog, FitConfig, fit, tagged_checkpoint
+from offramp.training.loop import (
+    EpochLog,
+    FitConfig,
+    fit,
+    refuse_epochs_change,
+    tagged_checkpoint,
+)
 
 __all__ = ["fit_backbone_then_heads", "fit_sklearn_heads"]
 
@@ -134,6 +140,12 @@ def fit_backbone_then_heads(
             list(net.blocks), {last: net.heads[-1]}, input_shape=net.input_shape
         )
         bb_cfg = replace(cfg, checkpoint=tagged_checkpoint(cfg.checkpoint, "backbone"))
+        refuse_epochs_change(
+            bb_cfg.checkpoint,
+            bb_cfg.epochs,
+            cfg.resume,
+            "the early heads are trained on the backbone's frozen features",
+        )
         cbs = [lambda ent, cb=cb: cb(widen_log(ent, e - 1, e, 0)) for cb in callbacks]
         logs = fit(backbone, data, bb_cfg, strategy=JointTraining(), val=val, callbacks=cbs)
         history += [widen_log(ent, e - 1, e, 0) for ent in logs]

@@ -24,6 +24,7 @@ from offramp.errors import ConfigError
 from offramp.network import ExitOutputs, MultiExitNetwork
 
 __all__ = [
+    "CUSTOM_SCHEDULE_USE",
     "JointTraining",
     "Schedule",
     "ScheduledLambdas",
@@ -37,12 +38,26 @@ __all__ = [
 
 Schedule = Callable[[int, int, int], list[float]]
 
+#: What a λ schedule without a ``total_epochs_use`` attribute is taken to do: it receives the
+#: total number of epochs, so it may depend on it.
+CUSTOM_SCHEDULE_USE = (
+    "a custom λ schedule receives the total number of epochs and may depend on it (if yours "
+    "does not, set its attribute total_epochs_use = None)"
+)
+
+
+def _described(schedule: Schedule, total_epochs_use: str | None) -> Schedule:
+    """``schedule`` with its ``total_epochs_use``: what in it depends on the total number of
+    epochs (``None``: nothing, so a run may be extended to more epochs)."""
+    schedule.total_epochs_use = total_epochs_use  # type: ignore[attr-defined]
+    return schedule
+
 
 def constant(value: float = 1.0) -> Schedule:
     """λ_i = ``value`` for every early exit and epoch."""
     if value < 0:
         raise ConfigError(f"λ must be ≥ 0, got {value}")
-    return lambda epoch, num_epochs, k: [float(value)] * k
+    return _described(lambda epoch, num_epochs, k: [float(value)] * k, None)
 
 
 def inception(value: float = 0.3) -> Schedule:
@@ -52,7 +67,9 @@ def inception(value: float = 0.3) -> Schedule:
 
 def linear_in_depth(top: float = 1.0) -> Schedule:
     """λ_i = ``top``·(i+1)/(k+1) for early exit ``i`` of ``k``: deeper exits weigh more."""
-    return lambda epoch, num_epochs, k: [top * (i + 1) / (k + 1) for i in range(k)]
+    return _described(
+        lambda epoch, num_epochs, k: [top * (i + 1) / (k + 1) for i in range(k)], None
+    )
 
 
 def sdn_growing(top: Sequence[float] | float | None = None, start: float = 0.01) -> Schedule:
@@ -80,7 +97,9 @@ def sdn_growing(top: Sequence[float] | float | None = None, start: float = 0.01)
         frac = epoch / (num_epochs - 1) if num_epochs > 1 else 1.0
         return [t * (start + (1 - start) * frac) for t in taus]
 
-    return schedule
+    return _described(
+        schedule, "λ schedule sdn grows each early exit's weight over the total epochs"
+    )
 
 
 def joint_loss(
@@ -140,6 +159,12 @@ class ScheduledLambdas:
     def on_epoch_start(self, net: MultiExitNetwork, epoch: int, num_epochs: int) -> None:
         """Set this epoch's λ from the schedule."""
         self._lambdas = list(self.schedule(epoch, num_epochs, net.num_exits - 1))
+
+    def total_epochs_use(self) -> str | None:
+        """What in this strategy depends on the total number of epochs (its λ schedule's
+        ``total_epochs_use``), ``None`` when nothing does: see
+        :func:`offramp.training.loop.total_epochs_use`."""
+        return getattr(self.schedule, "total_epochs_use", CUSTOM_SCHEDULE_USE)
 
     def lambdas(self, net: MultiExitNetwork) -> list[float]:
         """The current λ (epoch 0 of 1 when no epoch has started)."""

@@ -37,7 +37,13 @@ from offramp.training.cache import CACHE_MODES, FeatureStore, cache_outputs
 from offramp.training.distributed import world_info
 from offramp.training.ib import IBLocalLoss
 from offramp.training.joint import JointTraining
-from offramp.training.loop import EpochLog, FitConfig, fit, tagged_checkpoint
+from offramp.training.loop import (
+    EpochLog,
+    FitConfig,
+    fit,
+    refuse_epochs_change,
+    tagged_checkpoint,
+)
 
 __all__ = ["fit_layerwise", "freeze", "widen_log"]
 
@@ -147,6 +153,13 @@ def fit_layerwise(
     rank = world_info()[0]
     h_train, h_val = x, (val[0] if val is not None else None)
     history: list[EpochLog] = []
+    for st in stages:
+        refuse_epochs_change(
+            tagged_checkpoint(cfg.checkpoint, f"stage{st.index}"),
+            epochs_per_stage or cfg.epochs,
+            cfg.resume,
+            "layer-wise training trains every stage on the frozen outputs of the ones before",
+        )
     try:
         for st in stages:
             i = st.index

@@ -39,14 +39,20 @@ from offramp.training.distributed import (
 from offramp.training.joint import JointTraining
 
 __all__ = [
+    "CHECKPOINT_KEYS",
     "EpochLog",
     "FitConfig",
     "Strategy",
+    "check_fit",
+    "epochs_change_problem",
     "fit",
     "load_checkpoint",
+    "load_fit_checkpoint",
     "make_optimizer",
+    "refuse_epochs_change",
     "save_checkpoint",
     "tagged_checkpoint",
+    "total_epochs_use",
 ]
 
 log = logging.getLogger("offramp.training")
@@ -61,7 +67,11 @@ class Strategy(Protocol):
     - ``on_batch_start(net, optimizer, iteration, total_iterations)`` — per-step settings
       (freezeout's per-block learning rates); set ``manages_lr = True`` to keep the loop from
       overwriting the learning rates it sets;
-    - ``configure_optimizer(net, config) -> Optimizer`` — own parameter groups.
+    - ``configure_optimizer(net, config) -> Optimizer`` — own parameter groups;
+    - ``total_epochs_use() -> str | None`` — what in the strategy depends on the total number
+      of epochs (``None``: nothing), so whether a finished run may be continued to more epochs
+      (:func:`total_epochs_use`). A strategy with ``on_epoch_start`` or ``on_batch_start`` but
+      without this hook is taken to depend on the total.
 
     Attributes read if present: ``used_exits`` (exit indices the loss uses; under DDP the
     others are treated as unused) and ``ddp_compatible = False`` (refuse to run under DDP).
@@ -105,7 +115,8 @@ class FitConfig:
     show_progress: bool = True
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the run that wrote the checkpoint."""
+        """The fields a resumed run must share with the run that wrote the checkpoint
+        (``epochs`` may differ as far as :func:`epochs_change_problem` allows)."""
         d = asdict(self)
         for k in ("checkpoint", "resume", "show_progress"):
             d.pop(k)
@@ -154,6 +165,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {exc}; delete it to start over") from exc
 
 
+#: What a checkpoint written by :func:`fit` holds.
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "rng", "history", "config")
+
+
+def load_fit_checkpoint(path: str | Path) -> dict[str, Any]:
+    """:func:`load_checkpoint` for a checkpoint :func:`fit` wrote: ``CheckpointError`` naming
+    the keys of :data:`CHECKPOINT_KEYS` it lacks (another program's file, or damaged)."""
+    state = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {missing}: it was not written by offramp's fit loop (or "
+            "by another version); delete it to start over, or do not resume from it "
+            "(resume: false in a config, resume=False in FitConfig)"
+        )
+    return state
+
+
 def _trainable(net: nn.Module, strategy: object) -> list[nn.Parameter]:
     params = [p for p in net.parameters() if p.requires_grad]
     if isinstance(strategy, nn.Module):
@@ -199,6 +228,102 @@ def _hook(strategy: object, name: str) -> Callable[..., Any] | None:
     return getattr(strategy, name, None)
 
 
+def total_epochs_use(cfg: FitConfig, strategy: object) -> str | None:
+    """What in this training depends on the total number of epochs, ``None`` when nothing does.
+
+    A run whose training does not depend on the total may be continued to more epochs: the
+    extended run equals one started with the larger number (same shuffles, optimiser and RNG
+    state). One that does — ``lr_schedule="cosine"`` anneals over the total, a strategy's
+    ``total_epochs_use()`` names its own (freezeout's freezing points, the ``sdn`` λ schedule)
+    — would change the epochs already trained, so :func:`fit` refuses to change its total.
+
+    Example:
+        >>> total_epochs_use(FitConfig(lr_schedule="cosine"), JointTraining())
+        'lr_schedule cosine anneals the learning rate over the total epochs'
+        >>> total_epochs_use(FitConfig(), JointTraining()) is None
+        True
+    """
+    hook = getattr(strategy, "total_epochs_use", None)
+    if callable(hook):
+        use = hook()
+        if use is not None:
+            return str(use)
+    else:
+        hooks = [h for h in ("on_epoch_start", "on_batch_start") if _hook(strategy, h)]
+        if hooks:  # they receive the total and may depend on it
+            return (
+                f"{type(strategy).__name__}'s {' and '.join(hooks)} receive the total number of "
+                "epochs (if they do not depend on it, give the strategy a total_epochs_use() "
+                "that returns None)"
+            )
+    if cfg.lr_schedule == "cosine" and not getattr(strategy, "manages_lr", False):
+        return "lr_schedule cosine anneals the learning rate over the total epochs"
+    return None
+
+
+def epochs_change_problem(
+    trained: int, old_epochs: int | None, cfg: FitConfig, strategy: object
+) -> str | None:
+    """Why a checkpoint holding ``trained`` epochs of a run of ``old_epochs`` cannot continue
+    with ``cfg.epochs``, or ``None`` when it can: fewer epochs than trained, or a total that
+    the training depends on (:func:`total_epochs_use`). The reason is a predicate (``"holds 3
+    epochs trained, …"``) for the caller to give a subject and a fix."""
+    if cfg.epochs < trained:
+        return (
+            f"holds {_epochs(trained)} trained, more than the {cfg.epochs} asked for: give "
+            f"epochs ≥ {trained} to continue it"
+        )
+    if old_epochs is None or cfg.epochs == old_epochs:
+        return None
+    use = total_epochs_use(cfg, strategy)
+    if use is None:
+        return None
+    return (
+        f"was started for {_epochs(old_epochs)} and this run asks for {cfg.epochs}, but {use}: "
+        "changing the total would change the epochs already trained"
+    )
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def refuse_epochs_change(
+    checkpoint: str | Path | None, epochs: int, resume: bool, why: str
+) -> None:
+    """For a fit whose total cannot change (``why``: one of several fits that build on each
+    other): ``CheckpointError`` when ``checkpoint`` would be resumed and was written for
+    another number of epochs."""
+    if checkpoint is None or not resume or not Path(checkpoint).exists():
+        return
+    config = load_fit_checkpoint(checkpoint)["config"]
+    old = config.get("epochs") if isinstance(config, dict) else None
+    if old is not None and old != epochs:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} was written for {old} epochs and this run asks for "
+            f"{epochs}, but {why}: changing the total would change what was trained on top of "
+            f"it; keep epochs={old}, use another checkpoint path, or resume=False"
+        )
+
+
+def check_fit(cfg: FitConfig, strategy: object, world: int = 1) -> None:
+    """``ConfigError`` for settings :func:`fit` cannot train with on ``world`` ranks, before
+    any training (``offramp train`` calls it before it writes anything)."""
+    check_batch_size(cfg.batch_size)
+    if cfg.epochs < 1:
+        raise ConfigError(f"epochs must be ≥ 1, got {cfg.epochs}")
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is split over {world} ranks and must be a multiple of "
+            f"{world}; use e.g. {cfg.batch_size - cfg.batch_size % world or world}"
+        )
+    if world > 1 and getattr(strategy, "ddp_compatible", True) is False:
+        raise ConfigError(
+            f"{type(strategy).__name__} cannot run under DDP (it changes which parameters "
+            "train while training); run it in one process (--nproc 1)"
+        )
+
+
 def fit(
     net: MultiExitNetwork,
     train: tuple[Tensor, ...] | Iterable[tuple[Tensor, ...]],
@@ -237,16 +362,9 @@ def fit(
         (2, 2)
     """
     cfg = config or FitConfig()
-    check_batch_size(cfg.batch_size)
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs must be ≥ 1, got {cfg.epochs}")
     strategy = strategy or JointTraining()
     rank, world = world_info()
-    if world > 1 and cfg.batch_size % world:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} is split over {world} ranks and must be a multiple of "
-            f"{world}; use e.g. {cfg.batch_size - cfg.batch_size % world or world}"
-        )
+    check_fit(cfg, strategy, world)
     torch.manual_seed(cfg.seed)
     configure = _hook(strategy, "configure_optimizer")
     opt = (
@@ -258,12 +376,19 @@ def fit(
     start = 0
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt is not None and cfg.resume and ckpt.exists():
-        state = load_checkpoint(ckpt)
-        if state.get("config") != cfg.fingerprint():
+        state = load_fit_checkpoint(ckpt)
+        old = dict(state["config"]) if isinstance(state["config"], dict) else {}
+        if {**old, "epochs": cfg.epochs} != cfg.fingerprint():
             raise CheckpointError(
                 f"checkpoint {ckpt} was written with settings {state.get('config')}, but this "
                 f"run uses {cfg.fingerprint()}; use the same settings, another checkpoint path, "
                 "or resume=False"
+            )
+        problem = epochs_change_problem(int(state["epoch"]), old.get("epochs"), cfg, strategy)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint {ckpt} {problem}; use another checkpoint path, or resume=False to "
+                "start over"
             )
         name = type(strategy).__name__
         if state.get("strategy_name", name) != name:
@@ -281,9 +406,15 @@ def fit(
                 f"checkpoint {ckpt} does not fit this network or optimiser ({exc}); it was "
                 "written for another model: use another checkpoint path, or resume=False"
             ) from exc
-        torch.set_rng_state(state["rng"])
-        history = [EpochLog(**h) for h in state["history"]]
-        start = state["epoch"]
+        try:
+            torch.set_rng_state(state["rng"])
+            history = [EpochLog(**h) for h in state["history"]]
+            start = int(state["epoch"])
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {ckpt} holds an unusable rng, history or epoch ({exc}); delete it "
+                "to start over, or resume=False"
+            ) from exc
         log.info("resumed from %s after epoch %d", ckpt, start)
 
     model: Any = ddp_wrap(net, strategy) if world > 1 else net
@@ -315,6 +446,7 @@ def fit(
             batches,
             total=per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batches",
             enabled=cfg.show_progress and rank == 0,
         )
         for batch in bar:

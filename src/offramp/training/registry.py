@@ -40,13 +40,16 @@ from offramp.training.joint import (
 from offramp.training.loop import EpochLog, FitConfig, fit
 
 __all__ = [
+    "MULTI_FIT",
     "OPTIONS",
     "OPTION_TYPES",
     "SCHEDULES",
     "STRATEGIES",
+    "check_fit_options",
     "coerce_options",
     "make_schedule",
     "make_strategy",
+    "prepare_strategy",
     "train",
 ]
 
@@ -62,6 +65,10 @@ STRATEGIES = (
     "local",
     "ib",
 )
+
+#: Strategies that drive several fits (stage by stage, or backbone then heads) rather than
+#: one step object; :func:`check_fit_options` checks their option values.
+MULTI_FIT = ("layerwise", "heads", "ib")
 
 #: The λ schedules of eq. 6–7 by name; each takes one optional number (``value`` / ``top``).
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
@@ -165,6 +172,59 @@ def _check_options(name: str, options: dict[str, Any]) -> None:
         )
 
 
+def check_fit_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a strategy of :data:`MULTI_FIT`, coerced and their values checked
+    before any training (a step strategy's are checked when :func:`make_strategy` builds it).
+
+    Example:
+        >>> check_fit_options("layerwise", {"cache": "fast"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        offramp.errors.ConfigError: unknown cache mode 'fast' for strategy 'layerwise'; ...
+    """
+    from offramp.heads import SKLEARN_ESTIMATORS
+    from offramp.training.cache import CACHE_MODES
+
+    opts = coerce_options(name, options)
+    modes = ("auto", "memory", "disk") if name == "heads" else CACHE_MODES
+    cache = opts.get("cache")
+    if cache is not None and cache not in modes:
+        why = (
+            " (the backbone runs once either way: nothing to recompute)" if name == "heads" else ""
+        )
+        raise ConfigError(
+            f"unknown cache mode {cache!r} for strategy {name!r}; choose one of {list(modes)}{why}"
+        )
+    sklearn = opts.get("sklearn")
+    if isinstance(sklearn, str) and sklearn not in SKLEARN_ESTIMATORS:
+        raise ConfigError(
+            f"unknown scikit-learn head {sklearn!r}; choose one of {list(SKLEARN_ESTIMATORS)}"
+        )
+    for key, ok, want in (
+        ("epochs_per_stage", lambda v: v >= 1, "≥ 1 (or unset: the run's epochs)"),
+        ("head_epochs", lambda v: v >= 1, "≥ 1 (or unset: the run's epochs)"),
+        ("memory_budget_mb", lambda v: v > 0, "> 0"),
+        ("beta", lambda v: v >= 0, "≥ 0"),
+        ("sigma", lambda v: v > 0, "> 0 (or unset: the median heuristic)"),
+    ):
+        value = opts.get(key)
+        if value is not None and not ok(value):  # NaN fails every comparison too
+            raise ConfigError(f"option {key!r} of strategy {name!r} must be {want}, got {value!r}")
+    return opts
+
+
+def prepare_strategy(
+    name: str, net: MultiExitNetwork, example_input: Tensor, options: dict[str, Any]
+) -> object | None:
+    """Check strategy ``name``'s options against ``net`` before any training: the step
+    strategy built (:func:`make_strategy`, pass it to :func:`train` as ``strategy``), or
+    ``None`` for a strategy of :data:`MULTI_FIT` once :func:`check_fit_options` passed."""
+    if name in MULTI_FIT:
+        check_fit_options(name, options)
+        return None
+    return make_strategy(name, net, example_input, **options)
+
+
 def make_strategy(
     name: str, net: MultiExitNetwork, example_input: Tensor, **options: Any
 ) -> object:
@@ -258,6 +318,8 @@ def train(
             )
         return fit(net, data, cfg, strategy=strategy, val=val, callbacks=callbacks)  # type: ignore[arg-type]
     opts = coerce_options(strategy, dict(options or {}))
+    if strategy in MULTI_FIT:
+        check_fit_options(strategy, opts)
     if strategy in ("layerwise", "ib"):
         from offramp.training.layerwise import fit_layerwise
 
