@@ -36,7 +36,7 @@ from offramp.evaluation import ExitRecord
 from offramp.files import write_json
 from offramp.models import resnet
 from offramp.placement import (
-    Record,
+    PlacementRecord,
     candidate_costs,
     exhaustive,
     members,
@@ -60,7 +60,7 @@ def train_backbone(x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -
 def same_size_check(cands: Any, val: ExitRecord, spaced: dict[str, Any], delta: float) -> dict:
     """Exhaustive search restricted to as many exits as FLOPs spacing kept, on the same
     validation record: never more expensive by construction; reported as a check."""
-    rec = Record.from_exit_record(val, "max_prob")
+    rec = PlacementRecord.from_exit_record(val, "max_prob")
     size = len(spaced["candidates"])
     best = exhaustive(cands, rec, delta, size=size)
     sp = operating_points(cands, rec, np.array([sum(1 << j for j in spaced["candidates"])]), delta)
@@ -119,7 +119,7 @@ def run_head(
         # every rule's exits at *equal test accuracy*: the cheapest shared threshold whose test
         # accuracy is within the target of the final exit's (chosen on test, so optimistic
         # for every rule alike; the calibrated rows above are the honest prediction)
-        on_test = Record.from_exit_record(rec_test, "max_prob")
+        on_test = PlacementRecord.from_exit_record(rec_test, "max_prob")
         masks = np.array([sum(1 << j for j in r["candidates"]) for r in rows], dtype=np.int64)
         for r, pt in zip(rows, operating_points(cands, on_test, masks, delta), strict=True):
             r["cost_at_equal_test_accuracy"] = pt.cost
