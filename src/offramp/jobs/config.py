@@ -308,29 +308,26 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return d
 
 
-def _unique_key_loader(yaml: Any) -> type:
-    """A ``yaml.SafeLoader`` whose mappings refuse a key they already hold
-    (:class:`_DuplicateKey`) instead of keeping the last value. Keys merged in with ``<<``
-    may still be overridden: that is what merging is for."""
-
-    class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, name-defined]
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    first = seen.get(key)
-                except TypeError:  # an unhashable key: SafeLoader's own error says so
-                    continue
-                line = key_node.start_mark.line + 1
-                if first is not None:
-                    raise _DuplicateKey(key, f" (lines {first} and {line})")
-                seen[key] = line
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
+def _check_unique_keys(node: Any) -> None:
+    """Raise :class:`_DuplicateKey` for a mapping in the composed YAML ``node`` tree that sets a
+    key it already holds (a parser would silently keep the last value). Keys merged in with
+    ``<<`` may still be overridden: that is what merging is for."""
+    value = getattr(node, "value", None)
+    if not isinstance(value, list):  # a scalar
+        return
+    seen: dict[tuple[str, Any], int] = {}
+    for item in value:
+        key_node, child = item if isinstance(item, tuple) else (None, item)
+        if key_node is not None and key_node.tag != "tag:yaml.org,2002:merge":
+            key = (
+                key_node.tag,
+                key_node.value if isinstance(key_node.value, str) else id(key_node),
+            )
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key_node.value, f" (lines {seen[key]} and {line})")
+            seen[key] = line
+        _check_unique_keys(child)
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
@@ -371,7 +368,8 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
         else:
             yaml = require_yaml()
             try:
-                data = yaml.load(text, Loader=_unique_key_loader(yaml))  # a SafeLoader
+                _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+                data = yaml.safe_load(text)
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     except _DuplicateKey as dup:
