@@ -1,35 +1,42 @@
 import json
 
 import pytest
+import torch
 
 from offramp.cli import main
 from offramp.jobs.experiment import CONTRACT_KEYS
 
 
-@pytest.mark.parametrize("mode", ["eager", "script"])
-def test_demo_writes_json_and_plot(tmp_path, capsys, mode):
+# The defaults (script mode, 16x16, self-distillation) run in test_readme.py; this run takes
+# every other flag: eager mode, B-LeNet's input size, joint training, BranchyNet's head.
+def test_demo_writes_json_and_plot(tmp_path, capsys):
     js, png = tmp_path / "r.json", tmp_path / "r.png"
-    code = main(
-        ["demo", "--epochs", "3", "--quiet", "--mode", mode, "--json", str(js), "--plot", str(png)]
-    )
-    assert code == 0
+    argv = ["demo", "--epochs", "3", "--quiet", "--mode", "eager", "--json", str(js), "--plot"]
+    flags = ["--size", "8", "--distill", "0", "--head", "conv", "--threads", "1"]
+    threads = torch.get_num_threads()
+    code = main([*argv, str(png), *flags])
+    assert code == 0 and torch.get_num_threads() == threads  # --threads is undone afterwards
     r = json.loads(js.read_text())
+    assert r["threads"] == 1 and r["mode"] == "eager"
+    assert r["config"]["size"] == 8 and r["config"]["distill"] == 0
     for key in CONTRACT_KEYS:
         assert key in r
     for key in ("final_exit_accuracy", "early_exit_accuracy"):
         assert 0.0 <= r[key] <= 1.0
     assert sum(r["exit_fractions"]) == pytest.approx(1.0)
-    assert len(r["exit_fractions"]) == 3
+    assert len(r["exit_fractions"]) == 2
     assert r["relative_cost"] > 0 and r["speedup_batch1"] > 0 and r["speedup_batch256"] > 0
     assert r["runtime_matches_simulation"] == {"exits": 1.0, "predictions": 1.0}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     out = capsys.readouterr().out
-    assert "early-exit accuracy" in out and "share leaving" in out
+    assert "early-exit accuracy" in out and "share leaving" in out and "mode" in out
 
 
 def test_cli_reports_offramp_errors(capsys):
     assert main(["demo", "--delta", "-1", "--epochs", "1", "--quiet"]) == 2
     assert "delta" in capsys.readouterr().err
+    assert main(["demo", "--threads", "-1", "--quiet"]) == 2
+    assert "threads" in capsys.readouterr().err
 
 
 def test_place_prints_every_rule_and_writes_json_and_plot(tmp_path, capsys):

@@ -3,6 +3,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from offramp.data import load_digits_splits, load_mnist, read_idx
 from offramp.errors import ConfigError, DataError
@@ -82,3 +83,14 @@ def test_digits_splits():
     assert set(s.test[1].tolist()) == set(range(10))
     with pytest.raises(ConfigError, match="sum to less than 1"):
         load_digits_splits(0.6, 0.5)
+
+
+def test_digits_resized():
+    small, big = load_digits_splits(seed=0), load_digits_splits(seed=0, size=16)
+    assert big.test[0].shape == (small.test[0].shape[0], 1, 16, 16)
+    assert torch.equal(big.test[1], small.test[1])  # same split, same order
+    assert 0.0 <= float(big.test[0].min()) and float(big.test[0].max()) <= 1.0
+    want = torch.nn.functional.interpolate(small.test[0], size=(16, 16), mode="bilinear")
+    assert torch.equal(big.test[0], want)
+    with pytest.raises(ConfigError, match="size"):
+        load_digits_splits(size=0)

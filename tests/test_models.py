@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from offramp.models import MODELS, blenet
+from offramp.costs import profile
+from offramp.errors import ConfigError
+from offramp.models import MODELS, blenet, build_model, vgg
+from offramp.network import block_output_shapes
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -29,3 +32,39 @@ def test_blenet_matches_branchynet_shapes():
     # BranchyNet's branch: conv 5→10 3×3, pool to 8×8, linear 640 → 10
     assert net.heads[0][-1].in_features == 640
     assert net.exit_blocks == (0, 3)
+
+
+def test_vgg_exit_after_the_stem_and_shapes():
+    net = vgg(16, 10, seed=0)
+    assert net.exit_blocks == (0, 2) and net.input_shape == (1, 16, 16)
+    shapes = block_output_shapes(net.blocks, (1, 16, 16))
+    assert shapes == [(32, 8, 8), (64, 4, 4), (128, 2, 2)]
+    assert net.heads[0][-1].in_features == 32 * 8 * 8  # linear head on the stem's map
+    outs = net(torch.zeros(3, 1, 16, 16))
+    assert [tuple(o.shape) for o in outs] == [(3, 10), (3, 10)]
+    # the stem and its head are a small share of the plain backbone's FLOPs
+    rel = profile(net, torch.zeros(1, 1, 16, 16)).relative_cumulative
+    assert rel[0] < 0.06 and rel[-1] > 1.0
+    two = vgg(16, 10, exits_after=(0, 1), head="conv")
+    assert two.exit_blocks == (0, 1, 2) and len(two(torch.zeros(2, 1, 16, 16))) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"in_size": 4}, {"exits_after": (2,)}, {"stem": (16,)}, {"widths": ()}],
+)
+def test_vgg_rejects_bad_settings(kwargs):
+    with pytest.raises(ConfigError):
+        vgg(**{"in_size": 16, **kwargs})
+
+
+def test_build_model_fills_in_each_backbones_defaults():
+    assert build_model("vgg", 16, 10).exit_blocks == (0, 2)
+    assert build_model("vgg", 16, 10, exits=[1]).exit_blocks == (1, 2)
+    assert build_model("resnet", 8, 10, head="linear").num_exits >= 2
+    with pytest.raises(ConfigError, match=r"vgg takes early exits after blocks 0 … 1"):
+        build_model("vgg", 16, 10, exits=[2])
+    with pytest.raises(ConfigError, match="fixed exits"):
+        build_model("mlp", 8, 10, exits=[0])
+    with pytest.raises(ConfigError, match="unknown backbone 'vgg16'"):
+        build_model("vgg16", 16, 10)

@@ -22,6 +22,9 @@ def _demo(args: argparse.Namespace) -> int:
         criterion=args.criterion,
         head=args.head,
         mode=args.mode,
+        size=args.size,
+        distill=args.distill,
+        threads=args.threads,
         seed=args.seed,
         show_progress=not args.quiet,
     )
@@ -123,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     d = DemoConfig()
     demo = sub.add_parser(
         "demo",
-        help="train, calibrate and time B-LeNet with early exits on scikit-learn digits",
+        help="train, calibrate and time a small CNN with an early exit on scikit-learn digits",
     )
     demo.add_argument("--json", metavar="PATH", help="write results as JSON")
     demo.add_argument("--plot", metavar="PATH", help="write the accuracy-cost plot (PNG)")
@@ -135,6 +138,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--criterion", choices=sorted(CRITERIA), default=d.criterion)
     demo.add_argument("--head", choices=sorted(HEADS), default=d.head)
     demo.add_argument("--mode", choices=MODES, default=d.mode)
+    demo.add_argument(
+        "--size", type=int, default=d.size, help="image side the 8x8 digits are resized to"
+    )
+    demo.add_argument(
+        "--distill",
+        type=float,
+        default=d.distill,
+        help="share of self-distillation in the early exit's loss (0: joint training)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch threads for training and timing (0: torch's default, one per core)",
+    )
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)

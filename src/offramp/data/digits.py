@@ -47,9 +47,16 @@ def split_tensors(
 
 
 def load_digits_splits(
-    val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0
+    val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0, *, size: int = 8
 ) -> Splits:
-    """scikit-learn digits as ``(N, 1, 8, 8)`` float32 in [0, 1], split stratified.
+    """scikit-learn digits as ``(N, 1, size, size)`` float32 in [0, 1], split stratified.
+
+    Args:
+        val_fraction: share of the images in the validation split.
+        test_fraction: share of the images in the test split.
+        seed: seeds the split.
+        size: image side; other than 8, the 8×8 images are resized bilinearly (as
+            ``torch.nn.functional.interpolate`` does, ``align_corners=False``).
 
     Needs the ``sklearn`` extra (``pip install 'offramp[sklearn]'``).
 
@@ -57,7 +64,11 @@ def load_digits_splits(
         >>> s = load_digits_splits()
         >>> tuple(s.train[0].shape[1:])
         (1, 8, 8)
+        >>> tuple(load_digits_splits(size=16).test[0].shape[1:])
+        (1, 16, 16)
     """
+    if size < 1:
+        raise ConfigError(f"size must be ≥ 1, got {size}")
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -66,5 +77,7 @@ def load_digits_splits(
         ) from exc
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 8, 8) -> (N, 1, 8, 8)
+    if size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear")
     y = torch.tensor(d.target, dtype=torch.long)
     return split_tensors(x, y, val_fraction, test_fraction, seed)

@@ -21,12 +21,13 @@ from offramp.analysis import oracle_summary
 from offramp.calibration import ThresholdCalibrator
 from offramp.costs import profile
 from offramp.data.digits import Splits
+from offramp.errors import ConfigError
 from offramp.evaluation import record_splits, simulate
 from offramp.network import MultiExitNetwork
 from offramp.runtime import EarlyExitRuntime
 from offramp.timing import compare_wallclock
 from offramp.training.joint import JointTraining, Schedule
-from offramp.training.loop import FitConfig, fit
+from offramp.training.loop import FitConfig, Strategy, fit
 
 __all__ = ["CONTRACT_KEYS", "ExperimentConfig", "measure_speedups", "run_experiment"]
 
@@ -141,17 +142,29 @@ def run_experiment(
     cfg: ExperimentConfig,
     *,
     schedule: Schedule | None = None,
+    strategy: Strategy | None = None,
 ) -> dict[str, Any]:
     """Train (optionally), calibrate on ``splits.val`` and evaluate ``net`` on ``splits.test``.
+
+    Args:
+        net: the network.
+        splits: train, validation (calibration) and test data.
+        cfg: the settings.
+        schedule: λ schedule of the default strategy, joint training.
+        strategy: the training strategy instead of joint training (e.g.
+            :class:`~offramp.training.distill.SelfDistillation`); it has its own schedule.
 
     Returns:
         A JSON-ready dict with at least ``final_exit_accuracy``, ``early_exit_accuracy``,
         ``relative_cost``, ``speedup_batch1``, ``speedup_batch256`` and ``exit_fractions``.
     """
+    if strategy is not None and schedule is not None:
+        raise ConfigError("give either a schedule (for joint training) or a strategy, not both")
     t0 = time.perf_counter()
     history = []
     if cfg.train:
-        history = fit(net, splits.train, cfg.fit, strategy=JointTraining(schedule), val=splits.val)
+        strat = strategy if strategy is not None else JointTraining(schedule)
+        history = fit(net, splits.train, cfg.fit, strategy=strat, val=splits.val)
     train_s = time.perf_counter() - t0
     net.eval()
     x_test, y_test = splits.test

@@ -8,6 +8,7 @@ from offramp.models.build import BACKBONES, Backbone, build_model
 from offramp.models.lenet import BRANCHYNET_HEAD, blenet
 from offramp.models.mlp import mlp
 from offramp.models.resnet import resnet
+from offramp.models.vgg import vgg
 from offramp.network import MultiExitNetwork
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "build_model",
     "mlp",
     "resnet",
+    "vgg",
 ]
 
 #: name -> builder ``(in_size, num_classes) -> MultiExitNetwork`` for 1-channel square images,

@@ -14,6 +14,7 @@ from offramp.errors import ConfigError
 from offramp.models.lenet import blenet
 from offramp.models.mlp import mlp
 from offramp.models.resnet import resnet
+from offramp.models.vgg import vgg
 from offramp.network import MultiExitNetwork
 
 __all__ = ["BACKBONES", "Backbone", "build_model"]
@@ -64,6 +65,12 @@ BACKBONES: dict[str, Backbone] = {
             seed=seed,
         ),
         head="pool",
+    ),
+    "vgg": Backbone(
+        lambda s, c, exits, head, seed: vgg(s, c, exits_after=exits, head=head, seed=seed),
+        head="linear",
+        exits=(0,),
+        max_exit=1,
     ),
 }
 
