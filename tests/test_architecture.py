@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "offramp"
 CORE = {
     "offramp._progress",
     "offramp._values",
+    "offramp.activations",
     "offramp.analysis",
     "offramp.batches",
     "offramp.confidence",
@@ -21,6 +22,7 @@ CORE = {
     "offramp.errors",
     "offramp.evaluation",
     "offramp.files",
+    "offramp.flop_formulas",
     "offramp.heads",
     "offramp.network",
     "offramp.policies",

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offramp import attach_exits
-from offramp.errors import ConversionError
+from offramp.errors import ConversionError, ShapeError
 
 
 class SmallCNN(nn.Module):
@@ -130,3 +130,77 @@ def test_an_exit_is_cut_at_the_named_modules_output_functional_ops_included():
     torch.testing.assert_close(h, model.b1(x))  # post-ReLU: what b1 returns
     assert (h >= 0).all()
     torch.testing.assert_close(net(x).final, model(x))  # the ReLU did not move to block 1
+
+
+# --- networks beyond CNNs: transformer layers, recurrent layers, token features ---------------
+
+
+def test_transformer_encoder_layers_are_cut_points():
+    from .families import TextTransformer, padded_ids
+
+    model = TextTransformer().eval()
+    x = padded_ids(6, 12)
+    # was: unknown layer name 'encoder.layers.0'; valid names … ['embed', 'encoder', 'fc']
+    net = attach_exits(model, at=["encoder.layers.0", "encoder.layers.1"], example_input=x[:2])
+    assert net.num_exits == 3
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).final, model(x), rtol=0, atol=1e-5)
+    # the padding mask travels with the hidden states: (h, pad) after every layer
+    h, pad = net.blocks[0](x)
+    assert h.shape == (6, 12, 32) and pad.dtype == torch.bool and torch.equal(pad, x == 0)
+    # token ids of any length: the example's length is not the only one accepted
+    assert net.input_shape == (None,)
+    with torch.no_grad():
+        assert net(padded_ids(3, 7)).final.shape == (3, 5)
+    with pytest.raises(ShapeError, match=r"\(B, any\)"):
+        net(padded_ids(3, 7)[None])
+
+
+def test_pool_head_on_tokens_pools_over_tokens_not_features():
+    from offramp.heads import TokenPool
+
+    from .families import TextTransformer, padded_ids
+
+    model = TextTransformer(mask=False).eval()
+    net = attach_exits(model, at=["encoder.layers.0"], example_input=padded_ids(2, 12), head="pool")
+    pool, linear = net.heads[0]
+    # was Linear(12 -> 5): the mean over the 32 features, tokens taken for channels
+    assert isinstance(pool, TokenPool) and linear.in_features == 32
+
+
+def test_flat_heads_are_refused_on_padded_tokens():
+    from .families import TextTransformer, padded_ids
+
+    with pytest.raises(ConversionError, match=r"head 'linear' after 'encoder.layers.0'.*'mean'"):
+        attach_exits(
+            TextTransformer(), at=["encoder.layers.0"], example_input=padded_ids(2), head="linear"
+        )
+
+
+@pytest.mark.parametrize("cell", [torch.nn.GRU, torch.nn.LSTM])
+def test_recurrent_layers_are_cut_after_their_output_is_unpacked(cell):
+    from .families import RecurrentNet, padded_ids
+
+    model = RecurrentNet(cell).eval()
+    x = padded_ids(4, 9)
+    # was: a block produced tuple, not a tensor
+    net = attach_exits(model, at=["rnn1"], example_input=x[:2], head="last")
+    with torch.no_grad():
+        assert torch.equal(net(x).final, model(x))
+        assert net.blocks[0](x).shape == (4, 9, 24)
+
+
+def test_a_tuple_output_that_cannot_be_cut_names_the_layer():
+    class Direct(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(3, 5, batch_first=True)
+            self.keep = torch.nn.Identity()  # a layer that takes the tuple whole
+
+        def forward(self, x):
+            return self.keep(self.gru(x))[0][:, -1]
+
+    with pytest.raises(
+        ConversionError, match=r"cannot cut after 'gru' \(GRU\): its output is a tuple of 2"
+    ):
+        attach_exits(Direct(), at=["gru"], example_input=torch.randn(2, 4, 3))

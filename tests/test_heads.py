@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from offramp import HEADS, heads, make_head
 from offramp.errors import ConfigError
-from offramp.heads import max_avg_pool2d
+from offramp.heads import TOKEN_HEADS, OnFeatures, TokenPool, max_avg_pool2d
 
 SHAPES = [(6, 9, 9), (3, 4, 4), (12,), (4, 10)]
 
@@ -20,6 +20,7 @@ def _cases():
                 name in ("linear", "mlp")
                 or (name == "pool" and spatial)
                 or (needs3 and len(shape) == 3)
+                or (name in TOKEN_HEADS and len(shape) == 2)
             ):
                 yield name, shape
 
@@ -41,6 +42,44 @@ def test_head_battery(name, shape):
 
 def test_every_head_is_covered():
     assert {n for n, _ in _cases()} == set(HEADS)
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_HEADS))
+def test_token_heads_read_only_the_real_tokens(name):
+    torch.manual_seed(0)
+    head = make_head(name, (6, 4), 3)
+    x = torch.randn(2, 6, 4)
+    pad = torch.tensor([[False] * 6, [False, False, False, True, True, True]])
+    y = x.clone()
+    y[1, 3:] = 1e4  # whatever the padding holds
+    assert torch.equal(head((x, pad)), head((y, pad)))
+    alone = head(x[1:, :3])  # the short sequence on its own, no padding
+    torch.testing.assert_close(head((x, pad))[1:], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_token_pool_by_hand():
+    x = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]]])  # (1, 3, 2)
+    pad = torch.tensor([[False, False, True]])
+    assert TokenPool("mean")((x, pad)).tolist() == [[2.0, 1.0]]
+    assert TokenPool("last")((x, pad)).tolist() == [[3.0, 2.0]]
+    assert TokenPool("cls")((x, pad)).tolist() == [[1.0, 0.0]]
+    assert TokenPool("mean")(x).tolist() == [[3.0, 2.0]]  # no mask: every token is real
+    assert TokenPool("last")(x).tolist() == [[5.0, 4.0]]
+    with pytest.raises(ConfigError, match="'mean', 'cls' or 'last'"):
+        TokenPool("max")
+
+
+def test_token_heads_refuse_other_shapes():
+    with pytest.raises(ConfigError, match=r"\(T, D\).*\(6, 9, 9\)"):
+        make_head("mean", (6, 9, 9), 3)
+
+
+def test_on_features_gives_the_head_the_features_alone():
+    lin = torch.nn.Linear(4, 2)
+    h = torch.randn(3, 4)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    assert torch.equal(OnFeatures(lin)((h, mask)), lin(h))
+    assert torch.equal(OnFeatures(lin)(h), lin(h))
 
 
 @pytest.mark.parametrize("name", ["pool", "mixpool", "conv"])

@@ -37,3 +37,12 @@ def test_make_demo_prints_what_the_readme_shows(tmp_path, capsys):
     r = json.loads(js.read_text())
     assert r["mode"] == "script" and r["config"]["size"] == 16
     assert r["speedup_batch256"] >= 1.5  # 5.8-6.5 measured; the floor
+
+
+def test_readme_check_network_example_runs_and_every_guarantee_holds(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    code = next(b for b in blocks if "check_network(" in b)
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) >= 9 and all(line.startswith("ok") for line in lines), lines
+    assert any("runtime = simulation (script)" in line for line in lines)

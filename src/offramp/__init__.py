@@ -4,6 +4,7 @@ The few names most users need are exported here; everything else lives in its mo
 """
 
 from offramp.calibration import ThresholdCalibrator
+from offramp.check import check_network
 from offramp.convert import attach_exits
 from offramp.costs import CostProfile, expected_cost, profile
 from offramp.errors import OfframpError
@@ -32,6 +33,7 @@ __all__ = [
     "ThresholdPolicy",
     "__version__",
     "attach_exits",
+    "check_network",
     "expected_cost",
     "fit",
     "make_head",

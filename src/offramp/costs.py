@@ -3,7 +3,8 @@ the one place cost vectors ``C_i`` are built (:func:`cumulative_costs`: FLOPs or
 latency).
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products and
-convolutions (2 FLOPs per multiply–add) and ignores element-wise ops, pooling and activations.
+convolutions (2 FLOPs per multiply–add) and ignores element-wise ops, pooling and activations,
+with formulas of our own for what it misses on a CPU (:mod:`offramp.flop_formulas`).
 All numbers are **per sample**: the example batch's totals divided by its batch size.
 
 The cumulative cost of exit ``i`` is ``C_i = Σ_{k ≤ b_i} C(f_k) + Σ_{j ≤ i} C(c_j)``: every block
@@ -19,7 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from offramp.activations import Activation, batch_size, nbytes_per_sample
 from offramp.errors import ConfigError
+from offramp.flop_formulas import FORMULAS
 from offramp.network import MultiExitNetwork, check_input, input_dtype
 
 __all__ = ["COSTS", "CostProfile", "count_flops", "cumulative_costs", "expected_cost", "profile"]
@@ -28,18 +31,21 @@ __all__ = ["COSTS", "CostProfile", "count_flops", "cumulative_costs", "expected_
 COSTS = ("flops", "latency")
 
 
-def count_flops(module: nn.Module, x: Tensor) -> int:
-    """Total FLOPs of ``module(x)`` for the whole batch ``x`` (no gradient, module as is).
+def count_flops(module: nn.Module, x: Activation) -> int:
+    """Total FLOPs of ``module(x)`` for the whole batch ``x`` (no gradient, module as is), with
+    the work the counter alone misses on a CPU included (:mod:`offramp.flop_formulas`: fused
+    transformer layers, attention, oneDNN LSTM layers, sparse products).
 
     Example:
         >>> import torch
         >>> count_flops(torch.nn.Linear(4, 3, bias=False), torch.randn(1, 4))
         24
     """
-    with torch.no_grad(), FlopCounterMode(display=False) as mode:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FORMULAS) as mode:
         module(x)
     # modules computing outside torch (scikit-learn heads) report an estimate of their own
-    extra = sum(m.extra_flops(x.shape[0]) for m in module.modules() if hasattr(m, "extra_flops"))
+    n = batch_size(x)
+    extra = sum(m.extra_flops(n) for m in module.modules() if hasattr(m, "extra_flops"))
     return int(mode.get_total_flops()) + int(extra)
 
 
@@ -57,7 +63,8 @@ class CostProfile:
         head_flops: FLOPs of each head ``c_i`` per sample.
         block_params: parameters of each block.
         head_params: parameters of each head.
-        activation_bytes: bytes of each block's output ``h_k`` per sample.
+        activation_bytes: bytes of each block's output ``h_k`` per sample (side inputs such as
+            a padding mask included).
         input_bytes: bytes of one input sample.
     """
 
@@ -127,13 +134,13 @@ def profile(net: MultiExitNetwork, example_input: Tensor) -> CostProfile:
     net.eval()
     block_flops, block_params, act_bytes = [], [], []
     head_flops: dict[int, float] = {}
-    h = example_input
+    h: Activation = example_input
     with torch.no_grad():
         for k, block in enumerate(net.blocks):
             block_flops.append(count_flops(block, h) / b)
             h = block(h)
             block_params.append(_params(block))
-            act_bytes.append(int(h[0].numel() * h.element_size()))
+            act_bytes.append(nbytes_per_sample(h))
             if k in net.exit_blocks:
                 i = net.exit_blocks.index(k)
                 head_flops[i] = count_flops(net.heads[i], h) / b

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ConformanceError",
     "ConversionError",
     "DataError",
     "NonFiniteError",
@@ -52,3 +53,12 @@ class CheckpointError(OfframpError, RuntimeError):
 class WriteError(OfframpError, OSError):
     """A result file could not be written (disk full, read-only directory, a value JSON cannot
     hold); the previous file is intact."""
+
+
+class ConformanceError(OfframpError, AssertionError):
+    """A network breaks a guarantee :func:`offramp.check_network` verifies; ``report`` holds
+    the checks up to the broken one."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -11,6 +11,13 @@ with :func:`register_head`.
 | ``pool`` | ``(C, *spatial)`` | global average pooling over the spatial dims, linear |
 | ``mixpool`` | ``(C, H, W)`` | SDN-style learned max/avg pooling mix to a small grid, linear |
 | ``conv`` | ``(C, H, W)`` | BranchyNet-style branch: 3×3 conv, 2×2 max-pool, ReLU, linear |
+| ``mean`` | ``(T, D)`` tokens | mean over the real tokens (padding mask respected), linear |
+| ``cls`` | ``(T, D)`` tokens | the first token (``[CLS]``, a ViT's class token), linear |
+| ``last`` | ``(T, D)`` tokens | the last real token (a recurrent network's summary), linear |
+
+Token heads read the padding mask that travels with the features (:mod:`offramp.activations`);
+``mean``, ``cls`` and ``last`` take ``hidden=N`` for a hidden layer before the output. Any other
+head on an activation that carries side inputs reads the features alone (:class:`OnFeatures`).
 
 Non-neural heads: :class:`SklearnHead` wraps any scikit-learn classifier fitted on pooled
 features of a frozen backbone (strategy ``"heads"`` with ``sklearn=…``).
@@ -25,15 +32,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from offramp.activations import Activation, features, padding_mask
 from offramp.errors import ConfigError, DataError
 
 __all__ = [
     "HEADS",
     "SKLEARN_ESTIMATORS",
+    "TOKEN_HEADS",
     "TRUSTED_SKLEARN_TYPES",
     "HeadFactory",
     "MixedPool2d",
+    "OnFeatures",
     "SklearnHead",
+    "TokenPool",
     "conv_head",
     "linear_head",
     "load_sklearn_estimator",
@@ -45,6 +56,7 @@ __all__ = [
     "pool_features",
     "pool_head",
     "register_head",
+    "token_head",
 ]
 
 HeadFactory = Callable[..., nn.Module]
@@ -125,6 +137,101 @@ def pool_head(in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Global average pooling over all spatial dims, then a linear layer on the channels."""
     _need_spatial("pool", in_shape)
     return nn.Sequential(_GlobalAvgPool(), nn.Linear(in_shape[0], num_classes))
+
+
+class OnFeatures(nn.Module):
+    """Run ``head`` on the features of an activation that carries side inputs
+    (``(h, *side)`` → ``head(h)``); a plain tensor goes to ``head`` as it is."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, h: Activation) -> Tensor:
+        return self.head(features(h))
+
+
+class TokenPool(nn.Module):
+    """Token features ``(B, T, D)`` to one vector per sample ``(B, D)``, over the real tokens.
+
+    Args:
+        how: ``"mean"`` (mean over real tokens), ``"cls"`` (the first token) or ``"last"``
+            (the last real token).
+
+    The padding mask is read from the activation (:func:`offramp.activations.padding_mask`);
+    without one, every token is real.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[[1.0], [3.0], [100.0]]])  # (1, 3, 1); the third token is padding
+        >>> pad = torch.tensor([[False, False, True]])
+        >>> TokenPool("mean")((x, pad)).tolist(), TokenPool("last")((x, pad)).tolist()
+        ([[2.0]], [[3.0]])
+    """
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        if how not in ("mean", "cls", "last"):
+            raise ConfigError(f"token pooling must be 'mean', 'cls' or 'last', got {how!r}")
+        self.how = how
+
+    def forward(self, h: Activation) -> Tensor:
+        x = features(h)  # (B, T, D)
+        if self.how == "cls":
+            return x[:, 0]
+        pad = padding_mask(h)
+        if pad is None:
+            return x.mean(dim=1) if self.how == "mean" else x[:, -1]
+        real = (~pad).unsqueeze(-1).to(x.dtype)  # (B, T) -> (B, T, 1)
+        count = real.sum(dim=1)  # (B, 1)
+        if self.how == "mean":
+            return (x * real).sum(dim=1) / count.clamp_min(1)
+        last = (count.squeeze(1).long() - 1).clamp_min(0)  # (B,) index of the last real token
+        return x[torch.arange(x.shape[0], device=x.device), last]
+
+
+def _need_tokens(name: str, in_shape: tuple[int, ...]) -> None:
+    if len(in_shape) != 2:
+        raise ConfigError(
+            f"head {name!r} needs token features shaped (T, D) per sample, but h_i has shape "
+            f"{in_shape}; use 'pool' for a feature map or 'linear' for flat features"
+        )
+
+
+def token_head(
+    how: str, in_shape: tuple[int, ...], num_classes: int, hidden: int | None = None
+) -> nn.Module:
+    """Pool tokens ``how`` (:class:`TokenPool`), then a linear layer (or, with ``hidden``,
+    linear–ReLU–linear)."""
+    _need_tokens(how, in_shape)
+    d = in_shape[1]
+    if hidden:
+        return nn.Sequential(
+            TokenPool(how), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+    return nn.Sequential(TokenPool(how), nn.Linear(d, num_classes))
+
+
+@register_head("mean")
+def mean_head(in_shape: tuple[int, ...], num_classes: int, hidden: int | None = None) -> nn.Module:
+    """Mean over the real tokens of ``(T, D)`` features, then linear."""
+    return token_head("mean", in_shape, num_classes, hidden)
+
+
+@register_head("cls")
+def cls_head(in_shape: tuple[int, ...], num_classes: int, hidden: int | None = None) -> nn.Module:
+    """The first token of ``(T, D)`` features (``[CLS]``, a class token), then linear."""
+    return token_head("cls", in_shape, num_classes, hidden)
+
+
+@register_head("last")
+def last_head(in_shape: tuple[int, ...], num_classes: int, hidden: int | None = None) -> nn.Module:
+    """The last real token of ``(T, D)`` features (a recurrent layer's summary), then linear."""
+    return token_head("last", in_shape, num_classes, hidden)
+
+
+#: Heads that read the padding mask themselves (every other head is given the features alone).
+TOKEN_HEADS = frozenset({"mean", "cls", "last"})
 
 
 def _windows(n: int, size: int) -> list[tuple[int, int]]:

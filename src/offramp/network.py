@@ -14,13 +14,15 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from offramp.errors import ConfigError, ConversionError, NonFiniteError, ShapeError
+from offramp.activations import Activation, check_activation, features, map_tensors
+from offramp.errors import ConfigError, NonFiniteError, ShapeError
 
 __all__ = [
     "ExitOutputs",
     "MultiExitNetwork",
     "Stage",
     "block_output_shapes",
+    "block_outputs",
     "check_input",
     "input_dtype",
 ]
@@ -78,38 +80,44 @@ _CASTS = {
 }
 
 
+def block_outputs(blocks: Sequence[nn.Module], example: Tensor | Sequence[int]) -> list[Activation]:
+    """What each block of a chain outputs on ``example`` (a batch) or, given an input shape,
+    on one zero sample — the one probe of offramp, for sizing heads. Runs in eval mode without
+    gradients (BatchNorm statistics are left alone); every module gets its own mode back.
+
+    Raises:
+        ConversionError: a block returned something other than a tensor or a tuple of
+            batch-first tensors (the message names the block and the fix).
+
+    Example:
+        >>> [tuple(h.shape) for h in block_outputs([nn.Linear(4, 8), nn.Linear(8, 2)], (4,))]
+        [(1, 8), (1, 2)]
+    """
+    h: Activation = example if isinstance(example, Tensor) else torch.zeros(1, *example)
+    modes = [(m, m.training) for b in blocks for m in b.modules()]
+    outs: list[Activation] = []
+    try:
+        with torch.no_grad():
+            for k, block in enumerate(blocks):
+                h = check_activation(block.eval()(h), f"block {k} ({type(block).__name__})")
+                outs.append(h)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return outs
+
+
 def block_output_shapes(
     blocks: Sequence[nn.Module], example: Tensor | Sequence[int]
 ) -> list[tuple[int, ...]]:
-    """Per-sample shape of the output of each block of a chain, read off ``example`` (a batch)
-    or, given an input shape, one zero sample — the one shape probe of offramp, for sizing
-    heads. Runs in eval mode without gradients (BatchNorm statistics are left alone); every
-    module gets its own mode back.
-
-    Raises:
-        ConversionError: a block returned something other than a tensor.
+    """Per-sample shape of the features each block outputs (``h_i`` without the side inputs
+    that may travel with it, :mod:`offramp.activations`), from :func:`block_outputs`.
 
     Example:
         >>> block_output_shapes([nn.Linear(4, 8), nn.Linear(8, 2)], (4,))
         [(8,), (2,)]
     """
-    h = example if isinstance(example, Tensor) else torch.zeros(1, *example)
-    modes = [(m, m.training) for b in blocks for m in b.modules()]
-    shapes: list[tuple[int, ...]] = []
-    try:
-        with torch.no_grad():
-            for block in blocks:
-                h = block.eval()(h)
-                if not isinstance(h, Tensor):
-                    raise ConversionError(
-                        f"a block produced {type(h).__name__}, not a tensor; exits need tensor "
-                        "activations at each cut and a tensor output"
-                    )
-                shapes.append(tuple(h.shape[1:]))
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    return shapes
+    return [tuple(features(h).shape[1:]) for h in block_outputs(blocks, example)]
 
 
 def input_dtype(net: nn.Module) -> torch.dtype | None:
@@ -133,9 +141,15 @@ def input_dtype(net: nn.Module) -> torch.dtype | None:
     return None
 
 
+def _fits(shape: tuple[int, ...], want: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(want) and all(
+        w is None or s == w for s, w in zip(shape, want, strict=False)
+    )
+
+
 def check_input(
     x: Tensor,
-    input_shape: tuple[int, ...] | None,
+    input_shape: tuple[int | None, ...] | None,
     *,
     finite: bool = True,
     dtype: torch.dtype | None = None,
@@ -149,15 +163,16 @@ def check_input(
 
     Args:
         x: a batch, ``(B, *input_shape)``.
-        input_shape: the per-sample shape the network expects, or ``None`` to skip the check.
+        input_shape: the per-sample shape the network expects (``None`` in a dimension of any
+            size, such as a sequence length), or ``None`` to skip the check.
         finite: also reject NaN and infinite values (one host sync per batch).
         dtype: the dtype the network expects (:func:`input_dtype`), or ``None`` to skip the
             check.
     """
     if not isinstance(x, Tensor):
         raise ShapeError(f"expected a torch.Tensor input, got {type(x).__name__}")
-    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-        want = "(B, " + ", ".join(str(s) for s in input_shape) + ")"
+    if input_shape is not None and not _fits(tuple(x.shape[1:]), tuple(input_shape)):
+        want = "(B, " + ", ".join("any" if s is None else str(s) for s in input_shape) + ")"
         hint = ""
         if tuple(x.shape) == tuple(input_shape):
             hint = "; it looks like a single sample: add a batch dimension with x.unsqueeze(0)"
@@ -187,9 +202,16 @@ class MultiExitNetwork(nn.Module):
         blocks: the backbone's blocks ``f_1 … f_L`` in order.
         heads: either a mapping ``{block index: head}`` (negative indices allowed) or a sequence
             aligned with ``blocks`` holding a head or ``None``. The last block must have one.
-        input_shape: per-sample input shape, e.g. ``(1, 28, 28)``; when given, ``forward`` and
-            the runtime reject inputs of another shape with a clear ``ShapeError``.
+        input_shape: per-sample input shape, e.g. ``(1, 28, 28)``, with ``None`` for a
+            dimension of any size (``(None,)`` for token ids of any length); when given,
+            ``forward`` and the runtime reject inputs of another shape with a clear
+            ``ShapeError``.
         num_classes: number of classes each head predicts (informational).
+        trim_padding: the blocks carry a padding mask with token features (see
+            :mod:`offramp.activations`) and mask it wherever it matters, so the runtime may
+            drop padding columns that no live row needs after compaction
+            (:func:`~offramp.activations.trim_padding`). Verify it with
+            :func:`offramp.check_network`.
 
     Example:
         >>> import torch
@@ -209,8 +231,9 @@ class MultiExitNetwork(nn.Module):
         blocks: Sequence[nn.Module],
         heads: Mapping[int, nn.Module] | Sequence[nn.Module | None],
         *,
-        input_shape: Sequence[int] | None = None,
+        input_shape: Sequence[int | None] | None = None,
         num_classes: int | None = None,
+        trim_padding: bool = False,
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -241,10 +264,13 @@ class MultiExitNetwork(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.exit_blocks: tuple[int, ...] = tuple(sorted(head_map))
         self.heads = nn.ModuleList([head_map[k] for k in self.exit_blocks])
-        self.input_shape: tuple[int, ...] | None = (
-            tuple(int(s) for s in input_shape) if input_shape is not None else None
+        self.input_shape: tuple[int | None, ...] | None = (
+            tuple(None if s is None else int(s) for s in input_shape)
+            if input_shape is not None
+            else None
         )
         self.num_classes = num_classes
+        self.trim_padding = bool(trim_padding)
 
     @property
     def num_exits(self) -> int:
@@ -275,16 +301,17 @@ class MultiExitNetwork(nn.Module):
     @overload
     def forward(
         self, x: Tensor, *, return_features: Literal[True], detach: bool = ...
-    ) -> tuple[tuple[Tensor, ...], ExitOutputs]: ...
+    ) -> tuple[tuple[Activation, ...], ExitOutputs]: ...
 
     def forward(
         self, x: Tensor, *, return_features: bool = False, detach: bool = False
-    ) -> ExitOutputs | tuple[tuple[Tensor, ...], ExitOutputs]:
+    ) -> ExitOutputs | tuple[tuple[Activation, ...], ExitOutputs]:
         """Run every block and every head.
 
         Args:
             x: a batch ``(B, *input_shape)``.
-            return_features: also return ``h`` at every exit (the head's input).
+            return_features: also return ``h`` at every exit (the head's input; with the side
+                inputs that travel with it, if any).
             detach: cut the autograd graph after every stage, so no gradient crosses from one
                 stage into the previous one (local learning); each stage is then trained only
                 by the losses computed on its own outputs.
@@ -295,8 +322,8 @@ class MultiExitNetwork(nn.Module):
         """
         check_input(x, self.input_shape, finite=False)
         outs: list[Tensor] = []
-        feats: list[Tensor] = []
-        h = x
+        feats: list[Activation] = []
+        h: Activation = x
         e = 0
         for k, block in enumerate(self.blocks):
             h = block(h)
@@ -305,7 +332,7 @@ class MultiExitNetwork(nn.Module):
                 outs.append(self.heads[e](h))
                 e += 1
                 if detach:
-                    h = h.detach()
+                    h = map_tensors(Tensor.detach, h)
         if return_features:
             return tuple(feats), ExitOutputs(tuple(outs))
         return ExitOutputs(tuple(outs))
@@ -334,6 +361,7 @@ class MultiExitNetwork(nn.Module):
             heads,
             input_shape=self.input_shape,
             num_classes=self.num_classes,
+            trim_padding=self.trim_padding,
         )
 
     def exit_path(self, i: int = -1) -> nn.Sequential:
@@ -350,4 +378,5 @@ class MultiExitNetwork(nn.Module):
         return self.exit_path(-1)
 
     def extra_repr(self) -> str:
-        return f"exit_blocks={self.exit_blocks}, input_shape={self.input_shape}"
+        trim = ", trim_padding=True" if self.trim_padding else ""
+        return f"exit_blocks={self.exit_blocks}, input_shape={self.input_shape}{trim}"

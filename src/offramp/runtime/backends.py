@@ -357,5 +357,9 @@ def _script(module: nn.Module, *example: Tensor) -> nn.Module:
         return fast if same else frozen()
 
 
-def _as_tuple(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return x if isinstance(x, tuple) else (x,)
+def _as_tuple(x: Any) -> tuple[Tensor, ...]:
+    """Every tensor of ``x`` (a tensor, or tuples of them nested, as a stage returns an
+    activation with side inputs), in order."""
+    if isinstance(x, tuple):
+        return tuple(t for part in x for t in _as_tuple(part))
+    return (x,)

@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from offramp.activations import Activation, batch_size, concat, select_rows, slice_rows
 from offramp.errors import ConfigError
 from offramp.policies import ExitPolicy
 from offramp.runtime.result import RuntimeResult
@@ -42,14 +43,14 @@ class StageRunner(Protocol):
     def check_input(self, x: Tensor) -> None: ...
 
     def stage(
-        self, i: int, h: Tensor, state: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]: ...
+        self, i: int, h: Activation, state: Tensor
+    ) -> tuple[Activation, Tensor, Tensor | None, Tensor]: ...
 
 
 class _Rows(NamedTuple):
     """Samples waiting for a stage: activations, policy state, and where each came from."""
 
-    h: Tensor  # (R, ...) the stage's input
+    h: Activation  # (R, ...) the stage's input (with its side inputs)
     state: Tensor  # (R, ...) the policy's state
     batch: Tensor  # (R,) input batch number, non-decreasing (queues keep arrival order)
     pos: Tensor  # (R,) row within that batch
@@ -127,7 +128,7 @@ def _advance(
     arrived, later ones on ``pool`` rows at a time (on what is left too, when flushing)."""
     for i, queue in enumerate(queues):
         while queue:
-            ready = sum(r.h.shape[0] for r in queue)
+            ready = sum(batch_size(r.h) for r in queue)
             if i > 0 and ready < pool and not flush:
                 break
             rows = _take(queue, ready if i == 0 else min(pool, ready))
@@ -137,14 +138,19 @@ def _advance(
 def _take(queue: list[_Rows], k: int) -> _Rows:
     """The first ``k`` rows of ``queue``, removed from it."""
     parts = [queue.pop(0)]
-    while sum(p.h.shape[0] for p in parts) < k:
+    while sum(batch_size(p.h) for p in parts) < k:
         parts.append(queue.pop(0))
-    cols = zip(*parts, strict=True)  # h, state, batch, pos: each a tuple over the parts
-    rows = _Rows(*(torch.cat(c) if len(c) > 1 else c[0] for c in cols))
-    extra = rows.h.shape[0] - k
+    if len(parts) == 1:
+        rows = parts[0]
+    else:
+        rows = _Rows(
+            concat([p.h for p in parts]),
+            *(torch.cat(c) for c in zip(*(p[1:] for p in parts), strict=True)),
+        )
+    extra = batch_size(rows.h) - k
     if extra:  # the last part was split: its tail waits at the front of the queue
-        queue.insert(0, _Rows(*(t[k:] for t in rows)))
-        rows = _Rows(*(t[:k] for t in rows))
+        queue.insert(0, _Rows(slice_rows(rows.h, k), *(t[k:] for t in rows[1:])))
+        rows = _Rows(slice_rows(rows.h, 0, k), *(t[:k] for t in rows[1:]))
     return rows
 
 
@@ -166,7 +172,9 @@ def _run_stage(
         _write(pending, rows.batch[gone], rows.pos[gone], logits[gone], i)
     if gone.numel() < leave.numel():
         stay = (~leave).nonzero().squeeze(1)
-        queues[i + 1].append(_Rows(h[stay], state[stay], rows.batch[stay], rows.pos[stay]))
+        queues[i + 1].append(
+            _Rows(select_rows(h, stay), state[stay], rows.batch[stay], rows.pos[stay])
+        )
 
 
 def _write(

@@ -21,6 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from offramp.activations import (
+    Activation,
+    batch_size,
+    select_rows,
+    slice_rows,
+    trim_padding,
+)
 from offramp.costs import CostProfile
 from offramp.errors import ConfigError
 from offramp.network import MultiExitNetwork, check_input, input_dtype
@@ -41,7 +48,7 @@ class _Step(nn.Module):
         self.body, self.head, self.test = body, head, test
         self.on_features = bool(getattr(test, "on_features", False))
 
-    def forward(self, h: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, h: Activation, state: Tensor) -> tuple[Activation, Tensor, Tensor, Tensor]:
         h = self.body(h)
         logits = self.head(h)
         leave, state = self.test(h if self.on_features else logits, state)
@@ -53,7 +60,7 @@ class _Final(nn.Module):
         super().__init__()
         self.body, self.head = body, head
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Activation) -> Tensor:
         return self.head(self.body(h))
 
 
@@ -132,8 +139,8 @@ class EarlyExitRuntime:
         stages = self._work.stages()
         steps = [_Step(s.body, s.head, t) for s, t in zip(stages[:-1], tests, strict=True)]
         final = _Final(stages[-1].body, stages[-1].head)
-        examples: list[tuple[Tensor, ...] | None] = [None] * len(steps)
-        h_final: Tensor | None = None
+        examples: list[tuple[Activation, Tensor] | None] = [None] * len(steps)
+        h_final: Activation | None = None
         if example_input is not None:  # what each stage sees on the example batch
             h, state = (
                 example_input,
@@ -162,10 +169,18 @@ class EarlyExitRuntime:
                     "torch.compile with a working C++ compiler: use mode='script' instead"
                 ) from exc
 
-    def _layout(self, x: Tensor) -> Tensor:
-        if self.backend.channels_last:
+    def _layout(self, x: Activation) -> Activation:
+        if self.backend.channels_last and isinstance(x, Tensor) and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def _rows(self, h: Activation, rows: Tensor) -> Activation:
+        """Compaction: the rows ``rows`` of every tensor of ``h``, then the padding columns no
+        remaining row needs dropped (networks built with ``trim_padding``)."""
+        h = select_rows(h, rows)
+        if self.net.trim_padding:
+            h = trim_padding(h)
+        return self._layout(h)
 
     def _bucket(self, n: int) -> int:
         per_octave = self.backend.per_octave
@@ -193,8 +208,8 @@ class EarlyExitRuntime:
 
     @torch.no_grad()
     def stage(
-        self, i: int, h: Tensor, state: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        self, i: int, h: Activation, state: Tensor
+    ) -> tuple[Activation, Tensor, Tensor | None, Tensor]:
         """Stage ``i`` alone on the rows ``h`` / ``state`` (padded to their bucket here and
         trimmed back): ``(h_next, logits, leave, state)``, with ``leave`` ``None`` at the final
         exit. The building block of :mod:`offramp.runtime.bulk`.
@@ -208,16 +223,18 @@ class EarlyExitRuntime:
             >>> tuple(logits.shape), tuple(leave.shape)
             ((5, 3), (5,))
         """
-        m = h.shape[0]
+        if self.net.trim_padding and i > 0:  # rows pooled from batches padded alike
+            h = trim_padding(h)
+        m = batch_size(h)
         if (size := self._bucket(m)) != m:
-            rows = padded(torch.arange(m, device=h.device), size)
-            h, state = h[rows], state[rows]
+            rows = padded(torch.arange(m, device=state.device), size)
+            h, state = select_rows(h, rows), state[rows]
         h = self._layout(h)
         with _eval(self._work):
             if i == len(self._steps):
                 return h, self._final(h)[:m], None, state[:m]
             h, logits, leave, state = self._steps[i](h, state)
-        return h[:m], logits[:m], leave[:m], state[:m]
+        return slice_rows(h, 0, m), logits[:m], leave[:m], state[:m]
 
     def map(self, batches: Iterable[Tensor], *, pool: int | None = None) -> Iterator[RuntimeResult]:
         """Bulk inference: run ``batches`` with the samples that go on past an exit pooled
@@ -253,10 +270,11 @@ class EarlyExitRuntime:
         exits = torch.full((n,), len(self._steps), dtype=torch.long)
         idx = torch.arange(n)  # input position of each live row; rows past len(idx) are padding
         out: Tensor | None = None
-        h, state = x, self.policy.initial_state(n, x.device)
+        h: Activation = x
+        state = self.policy.initial_state(n, x.device)
         if (size := self._bucket(n)) != n:
             rows = padded(idx, size)
-            h, state = h[rows], state[rows]
+            h, state = x[rows], state[rows]
         h = self._layout(h)
         for i, step in enumerate(self._steps):
             h, logits, leave, state = step(h, state)
@@ -272,7 +290,9 @@ class EarlyExitRuntime:
                 if stay.numel() == 0:
                     break
                 idx, rows = idx[stay], padded(stay, self._bucket(stay.numel()))
-                h, state = self._layout(h[rows]), state[rows]
+                h, state = self._rows(h, rows), state[rows]
+            elif i == 0 and self.net.trim_padding:  # the batch's own padding, once
+                h = trim_padding(h)
         else:
             logits = self._final(h)
             if out is None:
@@ -300,12 +320,14 @@ class EarlyExitRuntime:
             return self._run_one(x)
 
     def _run_one(self, x: Tensor) -> tuple[int, int, Tensor]:
-        h = self._layout(x)
+        h: Activation = self._layout(x)
         state = self.policy.initial_state(1, x.device)
         for i, step in enumerate(self._steps):
             h, logits, leave, state = step(h, state)
             if bool(leave[0]):
                 return int(logits[0].argmax()), i, logits[0]
+            if i == 0 and self.net.trim_padding:  # the sample's padding
+                h = trim_padding(h)
         logits = self._final(h)
         return int(logits[0].argmax()), len(self._steps), logits[0]
 
