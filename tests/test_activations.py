@@ -131,3 +131,17 @@ def test_batch_one_and_a_batch_nobody_leaves_drop_their_own_padding():
     seen.clear()
     rt(x)
     assert seen == [max(lengths)]
+
+
+def test_bulk_refuses_to_pad_batches_of_a_network_that_does_not_mask_padding():
+    from torch import nn
+
+    from offramp.errors import ShapeError
+
+    from .families import recurrent_net
+
+    net = recurrent_net(nn.GRU)
+    net.input_shape = (None,)  # as a user might declare it
+    rt = EarlyExitRuntime(net, ThresholdPolicy("max_prob", (2.0,)))
+    with pytest.raises(ShapeError, match="pad token ids to one length"):
+        list(rt.map([padded_ids(4, 20), padded_ids(4, 12)], pool=8))

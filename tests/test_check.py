@@ -109,3 +109,10 @@ def test_unsupported_mode_is_reported_not_failed():
 def test_too_small_a_batch_is_refused():
     with pytest.raises(ConformanceError, match="at least 4 samples"):
         check_network(FAMILIES["mlp"][0](), torch.randn(2, 6))
+
+
+def test_every_module_gets_its_own_mode_back():
+    net = FAMILIES["mlp"][0]().train()
+    net.blocks[0].eval()
+    check_network(net, torch.randn(8, 6), modes=("eager",))
+    assert net.training and not net.blocks[0].training and net.blocks[1].training

@@ -141,7 +141,9 @@ def test_transformer_encoder_layers_are_cut_points():
     model = TextTransformer().eval()
     x = padded_ids(6, 12)
     # was: unknown layer name 'encoder.layers.0'; valid names … ['embed', 'encoder', 'fc']
-    net = attach_exits(model, at=["encoder.layers.0", "encoder.layers.1"], example_input=x[:2])
+    net = attach_exits(
+        model, at=["encoder.layers.0", "encoder.layers.1"], example_input=x[:2], trim_padding=True
+    )
     assert net.num_exits == 3
     with torch.no_grad():
         torch.testing.assert_close(net(x).final, model(x), rtol=0, atol=1e-5)
@@ -204,3 +206,19 @@ def test_a_tuple_output_that_cannot_be_cut_names_the_layer():
         ConversionError, match=r"cannot cut after 'gru' \(GRU\): its output is a tuple of 2"
     ):
         attach_exits(Direct(), at=["gru"], example_input=torch.randn(2, 4, 3))
+
+
+def test_nested_tensor_container_is_matched_at_padding_too():
+    from .families import TextTransformer, padded_ids
+
+    class MeanOverTokens(TextTransformer):  # reads the padded positions too
+        def forward(self, x):
+            h = self.encoder(self.embed(x), src_key_padding_mask=x == 0)
+            return self.fc(h.mean(1))
+
+    model = MeanOverTokens(nested=True).eval()
+    assert model.encoder.use_nested_tensor
+    x = padded_ids(8, 12)
+    net = attach_exits(model, at=["encoder.layers.0"], example_input=x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).final, model(x), rtol=0, atol=1e-5)

@@ -65,6 +65,8 @@ def test_token_pool_by_hand():
     assert TokenPool("cls")((x, pad)).tolist() == [[1.0, 0.0]]
     assert TokenPool("mean")(x).tolist() == [[3.0, 2.0]]  # no mask: every token is real
     assert TokenPool("last")(x).tolist() == [[5.0, 4.0]]
+    left = torch.tensor([[True, False, False]])  # left padding: the last real token is the third
+    assert TokenPool("last")((x, left)).tolist() == [[5.0, 4.0]]
     with pytest.raises(ConfigError, match="'mean', 'cls' or 'last'"):
         TokenPool("max")
 

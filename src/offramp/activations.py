@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from offramp.errors import ConversionError
+from offramp.errors import ConversionError, ShapeError
 
 __all__ = [
     "Activation",
@@ -74,10 +74,14 @@ def slice_rows(h: Activation, start: int, stop: int | None = None) -> Activation
     return map_tensors(lambda t: t[start:stop], h)
 
 
-def concat(parts: list[Activation]) -> Activation:
+def concat(parts: list[Activation], *, pad_tokens: bool = True) -> Activation:
     """The rows of ``parts`` one after the other (bulk inference pools rows of several
-    batches). Token features of different lengths are padded to the longest, the padding
-    mask with ``True`` and everything else of shape ``(B, T, …)`` with zeros.
+    batches). With ``pad_tokens`` (a network that masks padding), token features of different
+    lengths are padded to the longest, the padding mask with ``True`` and everything else of
+    shape ``(B, T, …)`` with zeros; without it, parts of different shapes are refused.
+
+    Raises:
+        ShapeError: parts whose per-sample shapes differ and cannot be padded.
 
     Example:
         >>> import torch
@@ -89,9 +93,18 @@ def concat(parts: list[Activation]) -> Activation:
     """
     if len(parts) == 1:
         return parts[0]
+    masks = [padding_mask(p) for p in parts]
+    shapes = {
+        tuple(tuple(t.shape[1:]) for t in (p if isinstance(p, tuple) else (p,))) for p in parts
+    }
+    if len(shapes) > 1 and not (pad_tokens and all(m is not None for m in masks)):
+        raise ShapeError(
+            f"cannot pool rows of per-sample shapes {sorted(shapes)}: bulk inference needs "
+            "batches of one shape (pad token ids to one length), unless the network masks "
+            "padding (attach_exits(..., trim_padding=True))"
+        )
     if not isinstance(parts[0], tuple):
         return torch.cat(parts)  # type: ignore[arg-type]
-    masks = [padding_mask(p) for p in parts]
     if any(m is None for m in masks) or len({m.shape[1] for m in masks}) == 1:  # type: ignore[union-attr]
         return tuple(torch.cat(ms) for ms in zip(*parts, strict=True))
     t = max(m.shape[1] for m in masks)  # type: ignore[union-attr]

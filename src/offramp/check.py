@@ -136,7 +136,7 @@ def check_network(
                 f"check_network: '{name}' does not hold: {detail}\n{report}", report=report
             )
 
-    was_training = net.training
+    modes_before = [(m, m.training) for m in net.modules()]
     net.eval()
     try:
         _check_outputs(net, x, record)
@@ -148,7 +148,8 @@ def check_network(
         for mode in modes:
             _check_runtime(net, x, outs, mode, atol, record)
     finally:
-        net.train(was_training)
+        for m, mode in modes_before:
+            m.training = mode
     return report
 
 

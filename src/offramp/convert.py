@@ -77,8 +77,10 @@ SEQUENCE_MODULES = (
 class _Tracer(torch.fx.Tracer):
     """``torch.fx``'s tracer, with ``nn.TransformerEncoder`` unrolled into calls of its
     layers (then its norm), so that ``encoder.layers.<k>`` can be cut after. The layers keep
-    their own masks; the container's nested-tensor fast path (which zeroes the outputs at
-    padding) is not taken, so outputs differ from it only at padded positions."""
+    their own masks. A container that takes the nested-tensor path (``enable_nested_tensor``,
+    eligible layers, a padding mask) returns zeros at padding in eval mode without gradients;
+    the unrolled form zeroes them always, so inference matches it exactly and training
+    differs only at padded positions."""
 
     def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
         if isinstance(m, _UNROLLED):
@@ -96,7 +98,12 @@ class _Tracer(torch.fx.Tracer):
                 src_key_padding_mask=given.get("src_key_padding_mask"),
                 is_causal=bool(given.get("is_causal") or False),
             )
-        return m.norm(out) if m.norm is not None else out
+        out = m.norm(out) if m.norm is not None else out
+        pad = given.get("src_key_padding_mask")
+        if pad is not None and getattr(m, "use_nested_tensor", False):
+            # the container's nested-tensor path (eval, no grad) returns zeros at padding
+            out = out.masked_fill(pad.unsqueeze(-1), 0.0)
+        return out
 
 
 def _module_positions(nodes: list[torch.fx.Node]) -> dict[str, int]:
@@ -317,12 +324,14 @@ def attach_exits(
             indices of an ``nn.Sequential``).
         example_input: one example batch, ``(B, ...)``; fixes the input shape and head sizes.
         head: a registered head name or factory, or one per exit; by default ``linear``, and
-            ``mean`` where token features travel with a padding mask.
+            ``mean`` on token features (after a transformer or recurrent layer, or with a
+            padding mask).
         num_classes: classes per head; defaults to the model's output width.
         head_options: keyword options passed to every head factory.
         trim_padding: the model masks padding everywhere (e.g. a transformer given
             ``src_key_padding_mask = x == pad``), so the runtime may drop padding columns no
-            live row needs (:attr:`MultiExitNetwork.trim_padding`).
+            live row needs (:attr:`MultiExitNetwork.trim_padding`), and token ids ``(B, T)`` of
+            any length are accepted.
 
     Token features: after a transformer or recurrent layer (``(B, T, D)``) the ``pool`` head
     averages over the tokens; where a padding mask travels with them, only token heads
@@ -366,17 +375,17 @@ def attach_exits(
     return MultiExitNetwork(
         blocks,
         heads,
-        input_shape=_input_shape(example_input),
+        input_shape=_input_shape(example_input, trim_padding),
         num_classes=c,
         trim_padding=trim_padding,
     )
 
 
-def _input_shape(example: Tensor) -> tuple[int | None, ...]:
-    """The per-sample input shape a network built on ``example`` accepts: token ids
-    (integers, ``(B, T, …)``) take sequences of any length ``T``."""
+def _input_shape(example: Tensor, any_length: bool) -> tuple[int | None, ...]:
+    """The per-sample input shape a network built on ``example`` accepts: with
+    ``any_length`` (a network that masks padding), token ids ``(B, T)`` of any length ``T``."""
     shape: list[int | None] = list(example.shape[1:])
-    if shape and not example.is_floating_point() and example.dtype != torch.bool:
+    if any_length and len(shape) == 1 and not example.is_floating_point():
         shape[0] = None
     return tuple(shape)
 
@@ -391,13 +400,13 @@ def _head_at(
 ) -> nn.Module:
     """The head of the exit after layer ``name``, for the activation ``h`` found there."""
     x, pad = features(h), padding_mask(h)
-    if spec is None:
-        spec = "mean" if pad is not None else "linear"
     try:
         layer: nn.Module | None = model.get_submodule(str(name))
     except AttributeError:
         layer = None
     tokens = pad is not None or (isinstance(layer, SEQUENCE_MODULES) and x.dim() == 3)
+    if spec is None:
+        spec = "mean" if tokens else "linear"
     if tokens and spec == "pool":  # global pooling over tokens is their mean
         spec = "mean"
     if pad is not None and isinstance(spec, str) and spec not in TOKEN_HEADS:

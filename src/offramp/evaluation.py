@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from offramp._progress import progress
+from offramp.activations import features
 from offramp.batches import iterate_batches
 from offramp.costs import expected_cost
 from offramp.errors import DataError, NonFiniteError, ShapeError
@@ -162,7 +163,9 @@ class ExitRecord:
                     outs = net(x)
                 else:
                     feats, outs = net(x, return_features=True)
-                    rows = [sc(h) for sc, h in zip(feature_scorers, feats[:-1], strict=True)]
+                    rows = [
+                        sc(features(h)) for sc, h in zip(feature_scorers, feats[:-1], strict=True)
+                    ]
                     scores.append(torch.stack(rows).float().cpu())  # (E-1, B)
                 stacked = outs.stack().float().cpu()  # (E, B, C)
                 _check_labels(y, stacked.shape[2], offset=sum(len(t) for t in labels))

@@ -82,11 +82,17 @@ def _mkldnn_rnn_layer(
     return 2 * tokens * rows * (i + weight_hh.shape[1])
 
 
+def _stored(t: Tensor) -> int:
+    """Scalars a sparse tensor stores (blocks and dense dimensions of hybrid tensors counted
+    in full)."""
+    return int((t._values() if t.layout == torch.sparse_coo else t.values()).numel())
+
+
 def _sparse_product(a: Tensor, b: Tensor) -> int | None:
     if a.layout in SPARSE_LAYOUTS:
-        return 2 * a._nnz() * b.shape[-1]
+        return 2 * _stored(a) * b.shape[-1]
     if b.layout in SPARSE_LAYOUTS:
-        return 2 * b._nnz() * a.shape[0]
+        return 2 * _stored(b) * a.shape[0]
     return None
 
 

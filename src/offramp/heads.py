@@ -182,11 +182,11 @@ class TokenPool(nn.Module):
         pad = padding_mask(h)
         if pad is None:
             return x.mean(dim=1) if self.how == "mean" else x[:, -1]
-        real = (~pad).unsqueeze(-1).to(x.dtype)  # (B, T) -> (B, T, 1)
-        count = real.sum(dim=1)  # (B, 1)
         if self.how == "mean":
-            return (x * real).sum(dim=1) / count.clamp_min(1)
-        last = (count.squeeze(1).long() - 1).clamp_min(0)  # (B,) index of the last real token
+            real = (~pad).unsqueeze(-1).to(x.dtype)  # (B, T) -> (B, T, 1)
+            return (x * real).sum(dim=1) / real.sum(dim=1).clamp_min(1)
+        positions = torch.arange(x.shape[1], device=x.device).expand_as(pad)  # (B, T)
+        last = positions.masked_fill(pad, -1).amax(dim=1).clamp_min(0)  # (B,) last real token
         return x[torch.arange(x.shape[0], device=x.device), last]
 
 

@@ -38,6 +38,9 @@ class StageRunner(Protocol):
     cumulative: Tensor | None
 
     @property
+    def trim_padding(self) -> bool: ...
+
+    @property
     def num_stages(self) -> int: ...
 
     def check_input(self, x: Tensor) -> None: ...
@@ -131,12 +134,13 @@ def _advance(
             ready = sum(batch_size(r.h) for r in queue)
             if i > 0 and ready < pool and not flush:
                 break
-            rows = _take(queue, ready if i == 0 else min(pool, ready))
+            rows = _take(queue, ready if i == 0 else min(pool, ready), rt.trim_padding)
             _run_stage(rt, i, rows, queues, pending)
 
 
-def _take(queue: list[_Rows], k: int) -> _Rows:
-    """The first ``k`` rows of ``queue``, removed from it."""
+def _take(queue: list[_Rows], k: int, pad_tokens: bool) -> _Rows:
+    """The first ``k`` rows of ``queue``, removed from it (token rows of different lengths
+    padded alike when ``pad_tokens``)."""
     parts = [queue.pop(0)]
     while sum(batch_size(p.h) for p in parts) < k:
         parts.append(queue.pop(0))
@@ -144,7 +148,7 @@ def _take(queue: list[_Rows], k: int) -> _Rows:
         rows = parts[0]
     else:
         rows = _Rows(
-            concat([p.h for p in parts]),
+            concat([p.h for p in parts], pad_tokens=pad_tokens),
             *(torch.cat(c) for c in zip(*(p[1:] for p in parts), strict=True)),
         )
     extra = batch_size(rows.h) - k

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from offramp.activations import (
     Activation,
     batch_size,
+    features,
     select_rows,
     slice_rows,
     trim_padding,
@@ -51,7 +52,7 @@ class _Step(nn.Module):
     def forward(self, h: Activation, state: Tensor) -> tuple[Activation, Tensor, Tensor, Tensor]:
         h = self.body(h)
         logits = self.head(h)
-        leave, state = self.test(h if self.on_features else logits, state)
+        leave, state = self.test(features(h) if self.on_features else logits, state)
         return h, logits, leave, state
 
 
@@ -200,6 +201,12 @@ class EarlyExitRuntime:
             with _eval(self._work):
                 self._paths[i] = self.backend.path(self._work.exit_path(i).eval(), self._example)
         return self._paths[i]
+
+    @property
+    def trim_padding(self) -> bool:
+        """The network masks padding and its padding columns may be dropped
+        (:attr:`MultiExitNetwork.trim_padding`)."""
+        return self.net.trim_padding
 
     @property
     def num_stages(self) -> int:
