@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from offramp import MultiExitNetwork, attach_exits
-from offramp.models import blenet, mlp, resnet, vgg
+from offramp.models import blenet, mlp, resnet, vgg, vit
 
 
 class TextTransformer(nn.Module):
@@ -96,6 +96,7 @@ FAMILIES: dict[str, tuple[Callable[[], MultiExitNetwork], Callable[[], Tensor]]]
         lambda: torch.rand(16, 1, 8, 8),
     ),
     "vgg": (lambda: vgg(16, 10, seed=0), lambda: torch.rand(16, 1, 16, 16)),
+    "vit": (lambda: vit(16, 10, patch=4, depth=3, seed=0), lambda: torch.rand(16, 1, 16, 16)),
     "transformer": (text_transformer_net, padded_ids),
     "gru": (lambda: recurrent_net(nn.GRU), padded_ids),
     "lstm": (lambda: recurrent_net(nn.LSTM), padded_ids),

@@ -68,3 +68,24 @@ def test_build_model_fills_in_each_backbones_defaults():
         build_model("mlp", 8, 10, exits=[0])
     with pytest.raises(ConfigError, match="unknown backbone 'vgg16'"):
         build_model("vgg16", 16, 10)
+
+
+def test_vit_tokens_heads_and_costs():
+    from offramp.models import vit
+
+    net = vit(28, 10, depth=3, seed=0)
+    assert net.exit_blocks == (0, 1, 2)
+    h = net.blocks[0](torch.zeros(2, 1, 28, 28))
+    assert h.shape == (2, 17, 64)  # class token + 16 patches of 7×7
+    # per layer on 17 tokens: attention projections 4·D², feed-forward 2·D·F, Q·Kᵀ and A·V
+    d, f, t = 64, 128, 17
+    layer = 2 * t * (4 * d * d + 2 * d * f) + 2 * 2 * t * t * d
+    patches = 2 * 16 * 49 * d
+    prof = profile(net, torch.zeros(1, 1, 28, 28))
+    assert prof.block_flops == (patches + layer, layer, layer)
+    assert prof.head_flops[0] == 2 * d * 10
+    with pytest.raises(ConfigError, match="'cls' or 'mean'"):
+        vit(head="linear")
+    with pytest.raises(ConfigError, match="multiple of patch"):
+        vit(30, patch=7)
+    assert build_model("vit", 28, 10, exits=[2], head="mean").exit_blocks == (2, 5)

@@ -53,13 +53,13 @@ class TrainConfig:
             by ``seed``, to report per-exit validation accuracy after every epoch; ``0`` for
             none. For ``digits`` the test split is a fixed stratified 20 % of the 1,797 images.
         backbone: reference network, a name in :data:`offramp.models.BACKBONES` (``blenet``,
-            ``mlp``, ``resnet``, ``vgg``).
+            ``mlp``, ``resnet``, ``vgg``, ``vit``).
         exits: block indices that carry early exits (``blenet``: any of 0, 1, 2; ``resnet``:
             0 … 5); ``None`` keeps the backbone's default. ``mlp`` has an exit after every
             hidden layer and accepts no ``exits``; ``vgg``: 0 (the stem, its default) or 1.
         head: head of the early exits, a name in :data:`offramp.heads.HEADS`; ``None`` keeps
             the backbone's default (``conv`` for ``blenet``, ``linear`` for ``mlp``, ``pool``
-            for ``resnet``, ``linear`` for ``vgg``).
+            for ``resnet``, ``linear`` for ``vgg``, ``cls`` for ``vit``).
         epochs: passes over the training data. On resume it may grow (the run continues to
             the new total) unless the training depends on the total — ``lr_schedule``
             ``cosine``, the λ schedule ``sdn``, ``freezeout``, and the stage-by-stage

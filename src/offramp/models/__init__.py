@@ -9,6 +9,7 @@ from offramp.models.lenet import BRANCHYNET_HEAD, blenet
 from offramp.models.mlp import mlp
 from offramp.models.resnet import resnet
 from offramp.models.vgg import vgg
+from offramp.models.vit import vit
 from offramp.network import MultiExitNetwork
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "mlp",
     "resnet",
     "vgg",
+    "vit",
 ]
 
 #: name -> builder ``(in_size, num_classes) -> MultiExitNetwork`` for 1-channel square images,

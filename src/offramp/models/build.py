@@ -15,6 +15,7 @@ from offramp.models.lenet import blenet
 from offramp.models.mlp import mlp
 from offramp.models.resnet import resnet
 from offramp.models.vgg import vgg
+from offramp.models.vit import vit
 from offramp.network import MultiExitNetwork
 
 __all__ = ["BACKBONES", "Backbone", "build_model"]
@@ -71,6 +72,14 @@ BACKBONES: dict[str, Backbone] = {
         head="linear",
         exits=(0,),
         max_exit=1,
+    ),
+    "vit": Backbone(
+        # 16 patches: 7×7 on 28×28 images, 2×2 on 8×8 digits
+        lambda s, c, exits, head, seed: vit(
+            s, c, patch=max(1, s // 4), exits_after=exits, head=head, seed=seed
+        ),
+        head="cls",
+        max_exit=4,
     ),
 }
 
