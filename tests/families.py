@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from offramp import MultiExitNetwork, attach_exits
-from offramp.models import blenet, mlp, resnet, vgg, vit
+from offramp.models import blenet, mlp, resnet, rnn_classifier, vgg, vit
 
 
 class TextTransformer(nn.Module):
@@ -99,5 +99,13 @@ FAMILIES: dict[str, tuple[Callable[[], MultiExitNetwork], Callable[[], Tensor]]]
     "vit": (lambda: vit(16, 10, patch=4, depth=3, seed=0), lambda: torch.rand(16, 1, 16, 16)),
     "transformer": (text_transformer_net, padded_ids),
     "gru": (lambda: recurrent_net(nn.GRU), padded_ids),
+    "rnn_classifier-gru": (
+        lambda: rnn_classifier(50, 4, layers=3, hidden=16, seed=0).eval(),
+        padded_ids,
+    ),
+    "rnn_classifier-lstm": (
+        lambda: rnn_classifier(50, 4, cell="lstm", layers=2, hidden=16, head="mean", seed=0),
+        padded_ids,
+    ),
     "lstm": (lambda: recurrent_net(nn.LSTM), padded_ids),
 }

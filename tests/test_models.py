@@ -89,3 +89,20 @@ def test_vit_tokens_heads_and_costs():
     with pytest.raises(ConfigError, match="multiple of patch"):
         vit(30, patch=7)
     assert build_model("vit", 28, 10, exits=[2], head="mean").exit_blocks == (2, 5)
+
+
+@pytest.mark.parametrize(("cell", "gates"), [("gru", 3), ("lstm", 4)])
+def test_rnn_classifier_costs_and_padding(cell, gates):
+    from offramp.models import rnn_classifier
+
+    net = rnn_classifier(30, 6, cell=cell, layers=2, embed_dim=8, hidden=16, seed=0).eval()
+    ids = torch.tensor([[5, 9, 2, 0, 0], [7, 3, 0, 0, 0]])
+    prof = profile(net, ids[:1, :3])  # 3 tokens
+    assert prof.block_flops == (2 * 3 * gates * 16 * (8 + 16), 2 * 3 * gates * 16 * (16 + 16))
+    # the last real token's state: the trailing padding changes nothing
+    with torch.no_grad():
+        full = net(ids)
+        alone = net(ids[1:, :2])
+    torch.testing.assert_close(full[1][1:], alone[1], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="unknown cell"):
+        rnn_classifier(30, 6, cell="rnn")

@@ -8,6 +8,7 @@ from offramp.models.build import BACKBONES, Backbone, build_model
 from offramp.models.lenet import BRANCHYNET_HEAD, blenet
 from offramp.models.mlp import mlp
 from offramp.models.resnet import resnet
+from offramp.models.rnn import rnn_classifier
 from offramp.models.vgg import vgg
 from offramp.models.vit import vit
 from offramp.network import MultiExitNetwork
@@ -21,6 +22,7 @@ __all__ = [
     "build_model",
     "mlp",
     "resnet",
+    "rnn_classifier",
     "vgg",
     "vit",
 ]
