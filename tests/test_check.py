@@ -116,3 +116,15 @@ def test_every_module_gets_its_own_mode_back():
     net.blocks[0].eval()
     check_network(net, torch.randn(8, 6), modes=("eager",))
     assert net.training and not net.blocks[0].training and net.blocks[1].training
+
+
+def test_a_graph_network_conforms():
+    from offramp.data.graphs import gcn_adjacency
+    from offramp.models.gcn import gcn
+
+    g = torch.Generator().manual_seed(0)
+    upper = torch.rand(40, 40, generator=g).triu(1) < 0.08
+    adj = gcn_adjacency((upper | upper.T).nonzero().T, 40)
+    net = gcn(6, 3, hidden=(8, 8), seed=0)
+    report = check_network(net, (torch.randn(40, 6, generator=g), adj))
+    assert report.passed and len(report.rows) == 6, str(report)

@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from offramp.costs import count_flops, profile
 from offramp.errors import ConformanceError, OfframpError
 from offramp.evaluation import ExitRecord, simulate
+from offramp.flop_formulas import FORMULAS
+from offramp.models.gcn import GraphNetwork
 from offramp.network import MultiExitNetwork
 from offramp.policies import ThresholdPolicy, max_softmax
 from offramp.runtime import EarlyExitRuntime
+from offramp.runtime.graph import GraphRuntime, graph_flops
 
 __all__ = ["ZERO_COST_MODULES", "CheckRow", "NetworkCheck", "check_network"]
 
@@ -85,8 +89,8 @@ def _outputs(net: MultiExitNetwork, x: Tensor) -> list[Tensor]:
 
 
 def check_network(
-    net: MultiExitNetwork,
-    example_batch: Tensor,
+    net: MultiExitNetwork | GraphNetwork,
+    example_batch: Tensor | tuple[Tensor, Tensor],
     *,
     modes: Sequence[str] = ("eager", "script"),
     atol: float = 1e-5,
@@ -103,10 +107,16 @@ def check_network(
     simulation (batched, batch 1 and bulk inference). A mode the network cannot run in (e.g.
     ``script`` with a scikit-learn head) is reported as not applicable, with the reason.
 
+    A graph network (:class:`~offramp.models.gcn.GraphNetwork`) takes ``(x, adj)`` as its
+    example and is checked alike, per node: finite logits, copies, FLOPs counted against the
+    whole-graph formula, gradients, and the graph runtime against the simulation (thresholds
+    that never fire give the whole graph's logits; thresholds at the median decide as the
+    simulation, with the counted FLOPs of the call equal to those it reports).
+
     Args:
         net: the network to check.
         example_batch: a batch of inputs, ``(B, *input_shape)``; at least 4 samples, varied
-            enough that exits disagree on their confidence.
+            enough that exits disagree on their confidence (for a graph network, ``(x, adj)``).
         modes: runtime execution modes to check (``"compile"`` too, if you deploy with it; it
             takes a while).
         atol: largest absolute difference accepted between logits computed two ways.
@@ -124,6 +134,12 @@ def check_network(
         >>> report.passed
         True
     """
+    if isinstance(net, GraphNetwork):
+        if not isinstance(example_batch, tuple) or len(example_batch) != 2:
+            raise ConformanceError(
+                "a graph network is checked on (x, adj): node features and adjacency"
+            )
+        return _check_graph(net, *example_batch, atol)
     x = example_batch
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 4:
         raise ConformanceError("example_batch must be a batch of at least 4 samples (B, ...)")
@@ -334,3 +350,70 @@ def _check_runtime(
         ]
         detail = f"{', '.join(wrong)} decided otherwise than the simulation ({detail})"
     record(f"runtime = simulation ({mode})", batched and single and pooled, detail)
+
+
+def _check_graph(net: GraphNetwork, x: Tensor, adj: Tensor, atol: float) -> NetworkCheck:
+    report = NetworkCheck()
+
+    def record(name: str, ok: bool | None, detail: str) -> None:
+        report.rows.append(CheckRow(name, ok, detail))
+        if ok is False:
+            raise ConformanceError(
+                f"check_network: '{name}' does not hold: {detail}\n{report}", report=report
+            )
+
+    modes_before = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            outs = list(net(x, adj))
+        finite = all(bool(torch.isfinite(o).all()) for o in outs)
+        record("exits give finite (N, C) logits", finite, f"{len(outs)} exits, {x.shape[0]} nodes")
+        twin = copy.deepcopy(net)
+        buf = io.BytesIO()
+        torch.save(net.state_dict(), buf)
+        buf.seek(0)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.add_(1.0)
+        twin.load_state_dict(torch.load(buf, weights_only=True))
+        with torch.no_grad():
+            same = [_close(a, b, atol)[0] for a, b in zip(twin(x, adj), outs, strict=True)]
+        record("deepcopy and state_dict round-trip", all(same), "through weights_only loading")
+        with FlopCounterMode(display=False, custom_mapping=FORMULAS) as counter, torch.no_grad():
+            net(x, adj)
+        want = graph_flops(net, x.shape[0], adj._nnz())
+        record(
+            "FLOPs counted = the whole-graph formula",
+            counter.get_total_flops() == want,
+            f"{counter.get_total_flops()} vs {want}",
+        )
+        twin = copy.deepcopy(net).train()
+        loss = sum(o.log_softmax(dim=1).mean() for o in twin(x, adj))
+        assert isinstance(loss, Tensor)
+        loss.backward()
+        dead = [
+            i
+            for i, h in enumerate(twin.heads)
+            if not any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in h.parameters())
+        ]
+        record("every head receives a gradient", not dead, f"dead heads {dead}" if dead else "ok")
+        early = net.num_exits - 1
+        r = GraphRuntime(net, ThresholdPolicy("max_prob", (math.inf,) * early))(x, adj)
+        ok, diff = _close(r.logits, outs[-1], atol)
+        record("never-firing thresholds = the whole graph", ok, f"largest difference {diff:.3g}")
+        scores = max_softmax(torch.stack(outs[:-1]))  # (E-1, N)
+        policy = ThresholdPolicy("max_prob", tuple(float(s.median()) for s in scores))
+        sim = simulate(ExitRecord(torch.stack(outs).float(), outs[-1].argmax(1)), policy)
+        with FlopCounterMode(display=False, custom_mapping=FORMULAS) as counter:
+            r = GraphRuntime(net, policy)(x, adj)
+        agree = r.exits.tolist() == sim.exits.tolist()
+        record(
+            "graph runtime = simulation, FLOPs as counted",
+            agree and r.flops == counter.get_total_flops(),
+            f"rows per layer {list(r.rows)}, {r.flops} FLOPs of {want}",
+        )
+    finally:
+        for m, mode in modes_before:
+            m.training = mode
+    return report

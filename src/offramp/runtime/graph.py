@@ -1,0 +1,185 @@
+"""Early exit on a graph, per node: each layer computed only where an undecided node needs it.
+
+On a graph a node's state at layer ``l`` depends on its neighbours' states at layer ``l − 1``,
+so a node that has left still feeds its neighbours and the batch cannot simply be compacted.
+:class:`GraphRuntime` keeps the set of target nodes still undecided; at layer ``l`` it computes
+states only on their remaining receptive field — the nodes within ``L − 1 − l`` hops of them —
+and the per-node half of the layer (``H W``) only on those nodes' neighbourhoods. States
+computed there equal the whole-graph ones (every row of ``Â`` is read whole), so the decisions
+equal the simulation on the whole graph's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from offramp.errors import ConfigError, ShapeError
+from offramp.models.gcn import GraphNetwork
+from offramp.policies import ExitPolicy
+
+__all__ = ["GraphResult", "GraphRuntime", "graph_flops", "layer_flops"]
+
+
+@dataclass(frozen=True)
+class GraphResult:
+    """What :class:`GraphRuntime` returns for its target nodes, in their order.
+
+    Attributes:
+        predictions: class of every target ``(n,)``.
+        exits: exit each target left at ``(n,)``.
+        logits: the logits it left with ``(n, C)``.
+        rows: nodes whose state each layer computed (``L`` counts).
+        transformed: nodes each layer's ``H W`` ran on (``L`` counts).
+        edges: entries of ``Â`` each layer aggregated over (``L`` counts).
+        heads: nodes each early exit's head ran on (``E − 1`` counts).
+        flops: FLOPs the call computed (2 per multiply–add, as ``torch.utils.flop_counter``
+            counts them; tested against it): every layer's ``H W`` and ``Â T``, every head.
+    """
+
+    predictions: Tensor
+    exits: Tensor
+    logits: Tensor
+    rows: tuple[int, ...]
+    transformed: tuple[int, ...]
+    edges: tuple[int, ...]
+    heads: tuple[int, ...]
+    flops: int
+
+
+def layer_flops(net: GraphNetwork, transformed: int, edges: int, layer: int) -> int:
+    """FLOPs of layer ``layer`` run on ``transformed`` rows with ``edges`` entries of ``Â``."""
+    d_in, d_out = net.dims[layer], net.dims[layer + 1]
+    return 2 * transformed * d_in * d_out + 2 * edges * d_out
+
+
+def graph_flops(net: GraphNetwork, nodes: int, edges: int) -> int:
+    """FLOPs of the whole-graph forward (every layer and every head on every node), with
+    ``edges`` entries in ``Â`` (self loops included) — the plain reference of a call."""
+    heads = sum(2 * nodes * net.dims[k + 1] * net.dims[-1] for k in net.exit_layers[:-1])
+    return sum(layer_flops(net, nodes, edges, k) for k in range(net.num_layers)) + heads
+
+
+class GraphRuntime:
+    """Run a :class:`~offramp.models.gcn.GraphNetwork` with an exit policy, per node.
+
+    Args:
+        net: the network (run in eval mode; modes restored after each call).
+        policy: any :class:`~offramp.policies.ExitPolicy` over ``net.num_exits`` exits.
+
+    Example:
+        >>> import torch
+        >>> from offramp import ThresholdPolicy
+        >>> from offramp.data.graphs import gcn_adjacency
+        >>> from offramp.models.gcn import gcn
+        >>> net = gcn(4, 3, hidden=(8, 8), seed=0)
+        >>> adj = gcn_adjacency(torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]), 4)
+        >>> r = GraphRuntime(net, ThresholdPolicy("max_prob", (0.0, 0.0)))(torch.randn(4, 4), adj)
+        >>> r.exits.tolist(), r.rows  # everyone leaves at exit 0: later layers compute nothing
+        ([0, 0, 0, 0], (4, 0, 0))
+    """
+
+    def __init__(self, net: GraphNetwork, policy: ExitPolicy) -> None:
+        policy.check(net.num_exits)
+        self.net, self.policy = net, policy
+        self._tests = list(policy.exit_tests())
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, adj: Tensor, targets: Tensor | None = None) -> GraphResult:
+        """Decide for ``targets`` (default: every node) on the graph ``(x, adj)``; ``adj`` is
+        the coalesced COO adjacency the network was trained with."""
+        n = x.shape[0]
+        if adj.layout != torch.sparse_coo or not adj.is_coalesced():
+            raise ShapeError("adj must be a coalesced sparse COO tensor (gcn_adjacency gives one)")
+        if adj.shape != (n, n):
+            raise ShapeError(f"adjacency {tuple(adj.shape)} does not match {n} nodes")
+        targets = torch.arange(n) if targets is None else targets.long()
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n):
+            raise ConfigError(f"targets must be node indices 0 … {n - 1}")
+        modes = [(m, m.training) for m in self.net.modules()]
+        self.net.eval()
+        try:
+            return self._run(x, adj, targets)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _run(self, x: Tensor, adj: Tensor, targets: Tensor) -> GraphResult:
+        net, n = self.net, x.shape[0]
+        src, dst = adj.indices()  # row (receiving node), column (neighbour); rows sorted
+        values = adj.values()
+        count = targets.numel()
+        exits = torch.full((count,), net.num_exits - 1, dtype=torch.long)
+        out = x.new_zeros((count, net.dims[-1]))
+        live = torch.arange(count)  # positions in `targets` still undecided
+        state = self.policy.initial_state(count, x.device)
+        h, have = x, torch.arange(n)  # states of the previous layer, for the nodes `have`
+        rows, transformed, edges = [], [], []
+        heads = [0] * (net.num_exits - 1)
+        for layer in range(net.num_layers):
+            if live.numel() == 0:  # everyone has left: nothing more to compute
+                break
+            # nodes whose state this layer must give: within (L − 1 − layer) hops of the live
+            need = torch.zeros(n, dtype=torch.bool)
+            need[targets[live]] = True
+            for _ in range(net.num_layers - 1 - layer):
+                need[src[need[dst]]] = True  # one hop, closed (Â has self loops)
+            keep = need[src]  # (E,) the rows of Â to read, whole
+            cols = torch.zeros(n, dtype=torch.bool)
+            cols[dst[keep]] = True
+            row_nodes, col_nodes = need.nonzero().squeeze(1), cols.nonzero().squeeze(1)
+            where = torch.full((n,), -1, dtype=torch.long)  # node -> row of the previous states
+            where[have] = torch.arange(have.numel())
+            t = net.transform(layer, h[where[col_nodes]])  # (|cols|, d_out)
+            pos_row = torch.full((n,), -1, dtype=torch.long)
+            pos_row[row_nodes] = torch.arange(row_nodes.numel())
+            pos_col = torch.full((n,), -1, dtype=torch.long)
+            pos_col[col_nodes] = torch.arange(col_nodes.numel())
+            sub = torch.sparse_coo_tensor(
+                torch.stack([pos_row[src[keep]], pos_col[dst[keep]]]),
+                values[keep],
+                (row_nodes.numel(), col_nodes.numel()),
+                is_coalesced=True,  # rows and columns keep the node order of adj's indices
+                check_invariants=False,  # built here from a valid adjacency
+            )
+            h = net.combine(layer, torch.sparse.mm(sub, t))  # (|rows|, d_out)
+            have = row_nodes
+            rows.append(row_nodes.numel())
+            transformed.append(col_nodes.numel())
+            edges.append(int(keep.sum()))
+            at = pos_row[targets[live]]  # the live targets' rows of h
+            if layer == net.num_layers - 1:
+                out[live] = h[at]
+                break
+            if layer not in net.exit_layers:
+                continue
+            i = net.exit_layers.index(layer)
+            heads[i] = int(at.numel())
+            logits = net.head(i, h[at])
+            leave, state_live = self._tests[i](logits, state[live])
+            state[live] = state_live
+            gone = leave.nonzero().squeeze(1)  # the one host sync of this layer
+            out[live[gone]] = logits[gone]
+            exits[live[gone]] = i
+            live = live[~leave]
+        missing = net.num_layers - len(rows)  # layers nobody needed any more
+        rows, transformed, edges = (v + [0] * missing for v in (rows, transformed, edges))
+        flops = sum(
+            layer_flops(net, t, e, k)
+            for k, (t, e) in enumerate(zip(transformed, edges, strict=True))
+        ) + sum(
+            2 * c * net.dims[k + 1] * net.dims[-1]
+            for c, k in zip(heads, net.exit_layers[:-1], strict=True)
+        )
+        return GraphResult(
+            predictions=out.argmax(dim=1),
+            exits=exits,
+            logits=out,
+            rows=tuple(rows),
+            transformed=tuple(transformed),
+            edges=tuple(edges),
+            heads=tuple(heads),
+            flops=int(flops),
+        )
