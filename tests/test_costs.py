@@ -5,7 +5,7 @@ from torch import nn
 
 from offramp import MultiExitNetwork, expected_cost, profile
 from offramp.costs import count_flops
-from offramp.errors import ShapeError
+from offramp.errors import ConfigError, ShapeError
 
 
 def test_linear_flops_by_hand():
@@ -55,3 +55,22 @@ def test_profile_table_mentions_every_exit(cnn, digits_x):
 def test_profile_refuses_an_example_of_the_wrong_dtype(cnn, digits_x, dtype):
     with pytest.raises(ShapeError, match=r"dtype torch\.float32.*x\.float\(\)"):
         profile(cnn, digits_x[:2].to(dtype))
+
+
+def test_each_sequence_is_costed_at_its_own_length():
+    from offramp.costs import per_sample_cumulative
+
+    from .families import padded_ids, text_transformer_net
+
+    net = text_transformer_net()
+    x = padded_ids(6, 20)
+    c = per_sample_cumulative(net, x)
+    for n in range(6):
+        length = int((x[n] != 0).sum())
+        alone = profile(net, x[n : n + 1, :length]).cumulative
+        assert np.array_equal(c[n], alone)
+    padded = profile(net, x[:1].clamp_min(1)).cumulative  # all 20 tokens real
+    assert (c <= padded).all() and (c[:, -1] < padded[-1]).any()
+    assert expected_cost(np.zeros(6, dtype=int), c) == c[:, 0].mean()
+    with pytest.raises(ConfigError, match="token ids"):
+        per_sample_cumulative(net, torch.randn(2, 3))

@@ -25,7 +25,15 @@ from offramp.errors import ConfigError
 from offramp.flop_formulas import FORMULAS
 from offramp.network import MultiExitNetwork, check_input, input_dtype
 
-__all__ = ["COSTS", "CostProfile", "count_flops", "cumulative_costs", "expected_cost", "profile"]
+__all__ = [
+    "COSTS",
+    "CostProfile",
+    "count_flops",
+    "cumulative_costs",
+    "expected_cost",
+    "per_sample_cumulative",
+    "profile",
+]
 
 #: What a cost vector can measure.
 COSTS = ("flops", "latency")
@@ -161,19 +169,52 @@ def expected_cost(exits: np.ndarray | Tensor, cumulative: np.ndarray) -> float:
 
     Args:
         exits: exit index of each sample, ``(N,)``.
-        cumulative: ``C_i`` for every exit, ``(E,)``.
+        cumulative: ``C_i`` for every exit, ``(E,)``; or each sample's own, ``(N, E)``
+            (:func:`per_sample_cumulative`: sequences of different lengths).
 
     Example:
         >>> import numpy as np
         >>> expected_cost(np.array([0, 0, 1, 2]), np.array([10.0, 30.0, 100.0]))
         37.5
+        >>> expected_cost(np.array([0, 1]), np.array([[1.0, 2.0], [10.0, 20.0]]))  # own costs
+        10.5
     """
     e = np.asarray(exits.cpu() if isinstance(exits, Tensor) else exits, dtype=np.int64)
     c = np.asarray(cumulative, dtype=np.float64)
     if e.size == 0:
         return 0.0
+    if c.ndim == 2:
+        if c.shape[0] != e.size:
+            raise ConfigError(f"per-sample costs for {c.shape[0]} samples, exits for {e.size}")
+        return float(c[np.arange(e.size), e].mean())
     counts = np.bincount(e, minlength=len(c))
     return float(counts @ c / e.size)
+
+
+def per_sample_cumulative(net: MultiExitNetwork, x: Tensor, *, pad_id: int = 0) -> np.ndarray:
+    """Every sample's own ``C_i``, ``(N, E)`` FLOPs, for token ids ``x`` ``(N, T)`` padded on
+    the right with ``pad_id``: a transformer's or recurrent network's cost grows with the
+    sequence length, and each sample is costed at its real length, not the batch's padded one.
+
+    Each distinct length is profiled once (:func:`profile` on a sample of that length, cut to
+    it), so the costs are counted, not modelled.
+
+    Example:
+        >>> from offramp.models import rnn_classifier
+        >>> net = rnn_classifier(20, 3, layers=2, embed_dim=4, hidden=4)
+        >>> c = per_sample_cumulative(net, torch.tensor([[5, 6, 7], [5, 0, 0]]))
+        >>> c[0, -1] > c[1, -1], c.shape
+        (np.True_, (2, 2))
+    """
+    if x.dim() != 2 or x.is_floating_point():
+        raise ConfigError(f"per_sample_cumulative takes token ids (N, T), got {tuple(x.shape)}")
+    lengths = (x != pad_id).sum(dim=1).clamp_min(1)  # (N,) real tokens, right padding
+    out = np.zeros((x.shape[0], net.num_exits))
+    for length in lengths.unique().tolist():
+        rows = (lengths == length).nonzero().squeeze(1)
+        sample = x[rows[:1], :length]  # (1, length): one of them, at its own length
+        out[rows.numpy()] = profile(net, sample).cumulative
+    return out
 
 
 def cumulative_costs(
