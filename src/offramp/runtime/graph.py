@@ -6,7 +6,9 @@ so a node that has left still feeds its neighbours and the batch cannot simply b
 states only on their remaining receptive field — the nodes within ``L − 1 − l`` hops of them —
 and the per-node half of the layer (``H W``) only on those nodes' neighbourhoods. States
 computed there equal the whole-graph ones (every row of ``Â`` is read whole), so the decisions
-equal the simulation on the whole graph's logits.
+equal the simulation on the whole graph's logits. A layer whose receptive field covers more than
+half the graph runs on the whole graph instead (the plain network's own arithmetic, cheaper
+than gathering most of it): ``rows`` then counts every node.
 """
 
 from __future__ import annotations
@@ -126,29 +128,37 @@ class GraphRuntime:
             need[targets[live]] = True
             for _ in range(net.num_layers - 1 - layer):
                 need[src[need[dst]]] = True  # one hop, closed (Â has self loops)
-            keep = need[src]  # (E,) the rows of Â to read, whole
-            cols = torch.zeros(n, dtype=torch.bool)
-            cols[dst[keep]] = True
-            row_nodes, col_nodes = need.nonzero().squeeze(1), cols.nonzero().squeeze(1)
-            where = torch.full((n,), -1, dtype=torch.long)  # node -> row of the previous states
-            where[have] = torch.arange(have.numel())
-            t = net.transform(layer, h[where[col_nodes]])  # (|cols|, d_out)
-            pos_row = torch.full((n,), -1, dtype=torch.long)
-            pos_row[row_nodes] = torch.arange(row_nodes.numel())
-            pos_col = torch.full((n,), -1, dtype=torch.long)
-            pos_col[col_nodes] = torch.arange(col_nodes.numel())
-            sub = torch.sparse_coo_tensor(
-                torch.stack([pos_row[src[keep]], pos_col[dst[keep]]]),
-                values[keep],
-                (row_nodes.numel(), col_nodes.numel()),
-                is_coalesced=True,  # rows and columns keep the node order of adj's indices
-                check_invariants=False,  # built here from a valid adjacency
-            )
-            h = net.combine(layer, torch.sparse.mm(sub, t))  # (|rows|, d_out)
-            have = row_nodes
-            rows.append(row_nodes.numel())
-            transformed.append(col_nodes.numel())
-            edges.append(int(keep.sum()))
+            whole = have.numel() == n and 2 * int(need.sum()) > n
+            if whole:
+                # most of the graph needs this layer: run it on the whole graph, the plain
+                # network's own arithmetic, instead of gathering rows and a sub-adjacency
+                h = net.combine(layer, torch.sparse.mm(adj, net.transform(layer, h)))
+                pos_row = torch.arange(n)
+                rows.append(n), transformed.append(n), edges.append(int(src.numel()))
+            else:
+                keep = need[src]  # (E,) the rows of Â to read, whole
+                cols = torch.zeros(n, dtype=torch.bool)
+                cols[dst[keep]] = True
+                row_nodes, col_nodes = need.nonzero().squeeze(1), cols.nonzero().squeeze(1)
+                where = torch.full((n,), -1, dtype=torch.long)  # node -> row of previous states
+                where[have] = torch.arange(have.numel())
+                t = net.transform(layer, h[where[col_nodes]])  # (|cols|, d_out)
+                pos_row = torch.full((n,), -1, dtype=torch.long)
+                pos_row[row_nodes] = torch.arange(row_nodes.numel())
+                pos_col = torch.full((n,), -1, dtype=torch.long)
+                pos_col[col_nodes] = torch.arange(col_nodes.numel())
+                sub = torch.sparse_coo_tensor(
+                    torch.stack([pos_row[src[keep]], pos_col[dst[keep]]]),
+                    values[keep],
+                    (row_nodes.numel(), col_nodes.numel()),
+                    is_coalesced=True,  # rows and columns keep the node order of adj's indices
+                    check_invariants=False,  # built here from a valid adjacency
+                )
+                h = net.combine(layer, torch.sparse.mm(sub, t))  # (|rows|, d_out)
+                have = row_nodes
+                rows.append(row_nodes.numel())
+                transformed.append(col_nodes.numel())
+                edges.append(int(keep.sum()))
             at = pos_row[targets[live]]  # the live targets' rows of h
             if layer == net.num_layers - 1:
                 out[live] = h[at]

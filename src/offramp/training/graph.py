@@ -105,7 +105,7 @@ def fit_graph(
             accs = tuple((logits.argmax(2) == y[val]).float().mean(1).tolist())
             if sum(accs) / len(accs) > best:
                 best, best_state = sum(accs) / len(accs), copy.deepcopy(net.state_dict())
-        history.append(GraphEpoch(epoch, float(loss), accs))
+        history.append(GraphEpoch(epoch, float(loss.detach()), accs))
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()

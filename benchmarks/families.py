@@ -1,0 +1,375 @@
+"""Early exits beyond CNNs: one row per family and dataset (issue 19).
+
+Each family is trained with an exit after every layer (joint training), and a plain model of
+the same backbone is trained alike (final exit only) for reference. Thresholds are calibrated
+on a validation split for at most ``--target`` points of accuracy below the final exit
+(``ThresholdCalibrator``, max-softmax and entropy), then measured on test:
+
+- accuracy: final exit, plain model, early exit, oracle (earliest correct exit) and its cost;
+- ``relative_cost``: FLOPs of the early-exit run over the plain backbone's, each sample costed
+  at its own length for text (``costs.per_sample_cumulative``);
+- ``speedup_batch1`` / ``speedup_batch``: wall-clock of the plain backbone over the early-exit
+  runtime, timed side by side (``offramp.timing``), at batch 1 and a serving batch; text batches
+  are padded to their own longest sentence for both sides;
+- ``speedup_vs_flops``: the batched speedup over the FLOPs-predicted one (``flops_speedup``).
+
+Graphs (GCN on Cora, Citeseer) decide per node: the plain side is the whole-graph forward, the
+early-exit side :class:`~offramp.runtime.graph.GraphRuntime` on the test nodes (each layer on
+the undecided nodes' remaining receptive field), and batch 1 is one test node at a time
+against the same runtime with no exit firing.
+
+Usage:
+    python benchmarks/families.py --json results/families.json [--only vit,gru,gcn]
+
+Data: ``$OFFRAMP_DATA/{fashion-mnist,trec,graphs}`` (default ``../shared/data``); families
+whose data is absent are skipped with a note. Trained weights are cached under
+``--checkpoint-dir`` (a rerun only measures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import dataset_root
+from offramp import EarlyExitRuntime, ExitRecord, ThresholdCalibrator, ThresholdPolicy, simulate
+from offramp.analysis import oracle_summary
+from offramp.costs import per_sample_cumulative, profile
+from offramp.data import holdout, load_mnist
+from offramp.data.graphs import load_planetoid
+from offramp.data.text import Vocabulary, load_trec
+from offramp.files import read_torch, save_torch, write_json
+from offramp.models import rnn_classifier, vit
+from offramp.models.gcn import gcn
+from offramp.network import MultiExitNetwork
+from offramp.report import format_table
+from offramp.runtime.graph import GraphRuntime, graph_flops
+from offramp.timing import paired_ratio, time_over_batches
+from offramp.training import FitConfig, JointTraining, constant, train
+from offramp.training.graph import fit_graph, graph_logits
+
+CRITERIA = ("max_prob", "entropy")
+
+
+def _trained(
+    net: MultiExitNetwork,
+    data: tuple[torch.Tensor, torch.Tensor],
+    cfg: FitConfig,
+    plain: bool,
+    path: Path,
+) -> MultiExitNetwork:
+    """``net`` trained jointly (every exit; with ``plain``, the final exit alone: the plain
+    model trained alike), or its cached weights."""
+    if path.is_file():
+        net.load_state_dict(read_torch(path))
+    else:
+        t0 = time.perf_counter()
+        train(net, data, cfg, JointTraining(constant(0.0 if plain else 1.0)))
+        print(f"  trained {path.stem} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        save_torch(path, net.state_dict())
+    return net.eval()
+
+
+def _calibrate(
+    rec_val: ExitRecord, rec_test: ExitRecord, cost_val: np.ndarray, target: float, criterion: str
+):
+    cal = ThresholdCalibrator(criterion, target / 100).fit(rec_val, cost_val)
+    return cal, simulate(rec_test, cal.policy_)
+
+
+def _text_batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``x`` in batches of ``size``, each cut to its own longest sentence."""
+    out = []
+    for b in x.split(size):
+        longest = int((b != 0).sum(1).max())
+        out.append(b[:, : max(longest, 1)])
+    return out
+
+
+def _speedups(
+    rt: EarlyExitRuntime, batches: list[torch.Tensor], ones: list[torch.Tensor], repeats: int
+) -> tuple[float, float]:
+    """(batch 1, batched) wall-clock speedup of ``rt`` over its plain backbone, side by side."""
+    plain = rt.plain_backbone()
+    rt.validate = False
+    with torch.no_grad():
+        big = time_over_batches({"plain": plain, "ee": rt}, batches, repeats=repeats)
+        one = time_over_batches({"plain": plain, "ee": rt.run_one}, ones, repeats=repeats)
+    return paired_ratio(one["plain"], one["ee"]), paired_ratio(big["plain"], big["ee"])
+
+
+def _row(
+    family: str,
+    dataset: str,
+    net: MultiExitNetwork,
+    plain_acc: float,
+    rec_val: ExitRecord,
+    rec_test: ExitRecord,
+    cost_val: np.ndarray,
+    cost_test: np.ndarray,
+    x_test: torch.Tensor,
+    batches: list[torch.Tensor],
+    ones: list[torch.Tensor],
+    args: argparse.Namespace,
+    mode: str,
+) -> list[dict[str, Any]]:
+    rows = []
+    backbone = (
+        cost_test[:, -1] if cost_test.ndim == 2 else np.full(len(rec_test.labels), cost_test[-1])
+    )
+    for criterion in CRITERIA:
+        cal, sim = _calibrate(rec_val, rec_test, cost_val, args.target, criterion)
+        spent = (
+            cost_test[np.arange(len(sim.exits)), sim.exits]
+            if cost_test.ndim == 2
+            else cost_test[sim.exits]
+        )
+        relative = float(spent.sum() / backbone.sum())
+        oracle = oracle_summary(rec_test, cost_test if cost_test.ndim == 1 else cost_test.mean(0))
+        example = batches[0][:2]
+        rt = EarlyExitRuntime(
+            net, cal.policy_, mode=mode, example_input=example if mode != "eager" else None
+        )
+        res = rt(x_test) if x_test.dim() > 2 else None
+        agree = 1.0
+        if res is not None:
+            agree = float((res.exits.numpy() == sim.exits).mean())
+        b1, bb = _speedups(rt, batches, ones, args.repeats)
+        final = float(rec_test.exit_accuracy()[-1])
+        rows.append(
+            {
+                "family": family,
+                "dataset": dataset,
+                "policy": criterion,
+                "final_accuracy": final,
+                "plain_accuracy": plain_acc,
+                "early_exit_accuracy": float((sim.predictions == rec_test.labels.numpy()).mean()),
+                "oracle_accuracy": oracle["accuracy"],
+                "oracle_relative_cost": oracle["relative_cost"],
+                "relative_cost": relative,
+                "flops_speedup": 1.0 / relative,
+                "speedup_batch1": b1,
+                "speedup_batch": bb,
+                "batch_size": int(batches[0].shape[0]),
+                "speedup_vs_flops": bb * relative,
+                "exit_fractions": np.bincount(sim.exits, minlength=net.num_exits).tolist(),
+                "runtime_matches_simulation": agree,
+                "mode": mode,
+            }
+        )
+    return rows
+
+
+def run_vit(args: argparse.Namespace) -> list[dict[str, Any]]:
+    root = dataset_root("fashion-mnist")
+    if root is None:
+        return []
+    x, y = load_mnist(root, "train")
+    xt, yt = load_mnist(root, "test")
+    keep, held = holdout(y, 1 / 6, seed=0)  # 50,000 to train, 10,000 to calibrate
+    (xtr, ytr), (xv, yv) = (x[keep], y[keep]), (x[held], y[held])
+    ck = Path(args.checkpoint_dir)
+    cfg = FitConfig(
+        epochs=args.vit_epochs,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=0.05,
+        lr_schedule="cosine",
+        seed=0,
+        show_progress=not args.quiet,
+    )
+    net = _trained(vit(28, 10, seed=0), (xtr, ytr), cfg, False, ck / "vit-exits.pt")
+    plain = _trained(vit(28, 10, seed=0), (xtr, ytr), cfg, True, ck / "vit-plain.pt")
+    plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
+    rec_val, rec_test = ExitRecord.collect(net, (xv, yv)), ExitRecord.collect(net, (xt, yt))
+    cum = profile(net, xt[:1]).cumulative
+    batches = list(xt[: 256 * 8].split(256))
+    ones = [xt[i : i + 1] for i in range(300)]
+    return _row(
+        "vit",
+        "fashion-mnist",
+        net,
+        plain_acc,
+        rec_val,
+        rec_test,
+        cum,
+        cum,
+        xt,
+        batches,
+        ones,
+        args,
+        "script",
+    )
+
+
+def run_rnn(args: argparse.Namespace, cell: str) -> list[dict[str, Any]]:
+    root = dataset_root("trec")
+    if root is None:
+        return []
+    d = load_trec(root)
+    vocab = Vocabulary.build(d["train"][0], min_freq=1)
+    x = vocab.encode(d["train"][0])
+    y = torch.tensor(d["train"][1])
+    xt, yt = vocab.encode(d["test"][0]), torch.tensor(d["test"][1])
+    keep, held = holdout(y, 0.1, seed=0)
+    (xtr, ytr), (xv, yv) = (x[keep], y[keep]), (x[held], y[held])
+    ck = Path(args.checkpoint_dir)
+    cfg = FitConfig(
+        epochs=args.rnn_epochs,
+        batch_size=64,
+        lr=2e-3,
+        lr_schedule="cosine",
+        seed=0,
+        show_progress=not args.quiet,
+    )
+    build = lambda: rnn_classifier(len(vocab), 6, cell=cell, layers=3, seed=0)  # noqa: E731
+    net = _trained(build(), (xtr, ytr), cfg, False, ck / f"{cell}-trec-exits.pt")
+    plain = _trained(build(), (xtr, ytr), cfg, True, ck / f"{cell}-trec-plain.pt")
+    plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
+    rec_val, rec_test = ExitRecord.collect(net, (xv, yv)), ExitRecord.collect(net, (xt, yt))
+    cost_val = per_sample_cumulative(net, xv).mean(0)
+    cost_test = per_sample_cumulative(net, xt)
+    order = torch.arange(len(xt))
+    batches = _text_batches(xt[order], 64)
+    ones = [b[:, : max(int((b != 0).sum()), 1)] for b in xt[:300].split(1)]
+    return _row(
+        cell,
+        "trec",
+        net,
+        plain_acc,
+        rec_val,
+        rec_test,
+        cost_val,
+        cost_test,
+        xt,
+        batches,
+        ones,
+        args,
+        "eager",
+    )
+
+
+def run_gcn(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
+    root = dataset_root("graphs")
+    if root is None:
+        return []
+    g = load_planetoid(root / f"{name}.npz")
+    adj = g.adjacency()
+    net = gcn(g.x.shape[1], g.num_classes, hidden=(16,), seed=0)
+    plain = gcn(g.x.shape[1], g.num_classes, hidden=(16,), seed=0)
+    fit_graph(net, g.x, adj, g.y, g.train, g.val)
+    fit_graph(plain, g.x, adj, g.y, g.train, g.val, exit_weights=[0.0, 1.0])
+    logits = graph_logits(net, g.x, adj)
+    labelled = g.test[g.y[g.test] >= 0]
+    rec_val, rec_test = (
+        ExitRecord(logits[:, g.val], g.y[g.val]),
+        ExitRecord(logits[:, labelled], g.y[labelled]),
+    )
+    plain_acc = float(
+        (graph_logits(plain, g.x, adj)[-1, labelled].argmax(1) == g.y[labelled]).float().mean()
+    )
+    rows: list[dict[str, Any]] = []
+    whole = graph_flops(net, g.num_nodes, adj._nnz())
+    per_exit = np.arange(1.0, net.num_exits + 1)  # layers run: orders the exits for calibration
+    never = GraphRuntime(net, ThresholdPolicy("max_prob", (math.inf,) * (net.num_exits - 1)))
+    nodes = [labelled[i : i + 1] for i in range(0, len(labelled), 5)]  # 200 single-node queries
+
+    def whole_graph(_: object) -> None:
+        with torch.no_grad():
+            net(g.x, adj)
+
+    for criterion in CRITERIA:
+        cal, sim = _calibrate(rec_val, rec_test, per_exit, args.target, criterion)
+        rt = GraphRuntime(net, cal.policy_)
+        r = rt(g.x, adj, labelled)
+        t = time_over_batches(
+            {"plain": whole_graph, "ee": lambda _, rt=rt: rt(g.x, adj, labelled)},
+            [None],
+            repeats=args.repeats,
+        )
+        t1 = time_over_batches(
+            {"plain": lambda v: never(g.x, adj, v), "ee": lambda v, rt=rt: rt(g.x, adj, v)},
+            nodes,
+            repeats=args.repeats,
+        )
+        bb = paired_ratio(t["plain"], t["ee"])
+        rows.append(
+            {
+                "family": "gcn",
+                "dataset": name,
+                "policy": criterion,
+                "final_accuracy": float(rec_test.exit_accuracy()[-1]),
+                "plain_accuracy": plain_acc,
+                "early_exit_accuracy": float((sim.predictions == rec_test.labels.numpy()).mean()),
+                "oracle_accuracy": oracle_summary(rec_test, per_exit)["accuracy"],
+                "oracle_relative_cost": None,
+                "relative_cost": r.flops / whole,
+                "flops_speedup": whole / r.flops,
+                "speedup_batch1": paired_ratio(t1["plain"], t1["ee"]),
+                "speedup_batch": bb,
+                "batch_size": len(labelled),
+                "speedup_vs_flops": bb * r.flops / whole,
+                "exit_fractions": np.bincount(r.exits.numpy(), minlength=net.num_exits).tolist(),
+                "runtime_matches_simulation": float((r.exits.numpy() == sim.exits).mean()),
+                "mode": "eager",
+                "rows_per_layer": list(r.rows),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--only", default="vit,gru,lstm,gcn", help="families to run, comma-separated")
+    p.add_argument("--target", type=float, default=0.5, help="allowed accuracy drop, points")
+    p.add_argument("--vit-epochs", type=int, default=10)
+    p.add_argument("--rnn-epochs", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--checkpoint-dir", default="results/families-checkpoints")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    only = set(args.only.split(","))
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    if "gcn" in only:
+        rows += run_gcn(args, "cora") + run_gcn(args, "citeseer")
+    for cell in ("gru", "lstm"):
+        if cell in only:
+            rows += run_rnn(args, cell)
+    if "vit" in only:
+        rows += run_vit(args)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    keys = [
+        "family",
+        "dataset",
+        "policy",
+        "final_accuracy",
+        "plain_accuracy",
+        "early_exit_accuracy",
+        "relative_cost",
+        "flops_speedup",
+        "speedup_batch1",
+        "speedup_batch",
+        "batch_size",
+        "speedup_vs_flops",
+    ]
+    print(format_table(keys, [[fmt(r[k]) for k in keys] for r in rows]))
+    seconds = time.perf_counter() - t0
+    print(f"\n{seconds:.0f} s")
+    if args.json:
+        write_json(args.json, {"rows": rows, "seconds": seconds, "args": vars(args)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
