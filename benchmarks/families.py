@@ -23,7 +23,7 @@ Usage:
 
 Data: ``$OFFRAMP_DATA/{fashion-mnist,trec,graphs}`` (default ``../shared/data``); families
 whose data is absent are skipped with a note. Trained weights are cached under
-``--checkpoint-dir`` (a rerun only measures).
+``--checkpoint-dir`` (``results/checkpoints/families``; a rerun only measures).
 """
 
 from __future__ import annotations
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit-epochs", type=int, default=10)
     p.add_argument("--rnn-epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--checkpoint-dir", default="results/families-checkpoints")
+    p.add_argument("--checkpoint-dir", default="results/checkpoints/families")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
