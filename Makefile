@@ -14,7 +14,7 @@ DATA   ?= ../shared/data
 BENCH = export OFFRAMP_DATA="$$(realpath -m "$${OFFRAMP_DATA:-$(DATA)}")" && cd benchmarks && \
 	$(abspath $(PY))
 
-.PHONY: demo test test-slow lint format docs-images bench bench-strategies bench-runtime bench-widths bench-placement clean
+.PHONY: demo test test-slow lint format docs-images bench bench-strategies bench-runtime bench-widths bench-placement bench-families clean
 
 $(BIN)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,9 @@ bench-widths: $(BIN)/.deps-dev
 
 bench-placement: $(BIN)/.deps-dev
 	$(BENCH) placement.py --json results/placement.json
+
+bench-families: $(BIN)/.deps-dev
+	$(BENCH) families.py --json results/families.json
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

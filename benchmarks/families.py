@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--only", default="vit,gru,lstm,gcn", help="families to run, comma-separated")
     p.add_argument("--target", type=float, default=0.5, help="allowed accuracy drop, points")
-    p.add_argument("--vit-epochs", type=int, default=10)
+    p.add_argument("--vit-epochs", type=int, default=6)
     p.add_argument("--rnn-epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--checkpoint-dir", default="results/checkpoints/families")
