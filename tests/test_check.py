@@ -123,7 +123,7 @@ def test_a_graph_network_conforms():
     from offramp.models.gcn import gcn
 
     g = torch.Generator().manual_seed(0)
-    upper = torch.rand(40, 40, generator=g).triu(1) < 0.08
+    upper = (torch.rand(40, 40, generator=g) < 0.08).triu(1)
     adj = gcn_adjacency((upper | upper.T).nonzero().T, 40)
     net = gcn(6, 3, hidden=(8, 8), seed=0)
     report = check_network(net, (torch.randn(40, 6, generator=g), adj))

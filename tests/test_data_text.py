@@ -47,3 +47,14 @@ def test_trec_as_shipped():
         "LOC": 81,
         "NUM": 113,
     }
+
+
+def test_odd_bytes_and_reserved_words(tmp_path):
+    (tmp_path / "train_5500.label").write_bytes(
+        b"HUM:ind Who wrote \x85Dracula\x85 ?\n\nLOC:city Where ?\n"
+    )
+    (tmp_path / "TREC_10.label").write_bytes(b"NUM:date When ?\n")
+    d = load_trec(tmp_path)
+    assert len(d["train"][0]) == 2 and d["train"][1] == [3, 4]  # 0x85 is not a line break
+    vocab = Vocabulary.build(["<unk> a", "<pad>"])
+    assert vocab.itos == ["<pad>", "<unk>", "a"] and vocab.stoi["<unk>"] == UNK

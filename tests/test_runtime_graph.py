@@ -17,7 +17,7 @@ from offramp.training.graph import graph_logits
 
 def random_graph(n=60, p=0.05, f=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    upper = torch.rand(n, n, generator=g).triu(1) < p
+    upper = (torch.rand(n, n, generator=g) < p).triu(1)  # each pair once, no self loops
     a = upper | upper.T
     edge_index = a.nonzero().T.contiguous()
     return torch.randn(n, f, generator=g), edge_index, a
@@ -111,3 +111,25 @@ def test_bad_inputs_and_modes():
         rt(x, adj, torch.tensor([60]))
     with pytest.raises(ShapeError, match="does not match 59 nodes"):
         rt(x[:59], adj)
+
+
+def test_a_directed_graph_reads_every_column_its_rows_need():
+    # a chain 0 -> 1 -> 2 -> 3 given one way only: Â is not symmetric
+    n = 12
+    edge_index = torch.tensor([[i + 1 for i in range(n - 1)], list(range(n - 1))])
+    adj = gcn_adjacency(edge_index, n)
+    assert not torch.equal(adj.to_dense(), adj.to_dense().T)
+    x = torch.randn(n, 5, generator=torch.Generator().manual_seed(0))
+    net = gcn(5, 3, hidden=(6, 6), seed=0)
+    logits = graph_logits(net, x, adj)
+    targets = torch.tensor([11, 5])
+    never = GraphRuntime(net, ThresholdPolicy("max_prob", (2.0, 2.0)))
+    torch.testing.assert_close(
+        never(x, adj, targets).logits, logits[-1, targets], rtol=0, atol=1e-6
+    )
+
+
+def test_adjacency_ignores_given_self_loops_and_repeated_edges():
+    clean = gcn_adjacency(torch.tensor([[0, 1], [1, 0]]), 3).to_dense()
+    messy = gcn_adjacency(torch.tensor([[0, 1, 0, 2], [1, 0, 1, 2]]), 3).to_dense()
+    assert torch.equal(clean, messy)

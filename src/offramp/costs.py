@@ -191,10 +191,14 @@ def expected_cost(exits: np.ndarray | Tensor, cumulative: np.ndarray) -> float:
     return float(counts @ c / e.size)
 
 
-def per_sample_cumulative(net: MultiExitNetwork, x: Tensor, *, pad_id: int = 0) -> np.ndarray:
+def per_sample_cumulative(
+    net: MultiExitNetwork, x: Tensor, *, pad_id: int | None = None
+) -> np.ndarray:
     """Every sample's own ``C_i``, ``(N, E)`` FLOPs, for token ids ``x`` ``(N, T)`` padded on
     the right with ``pad_id``: a transformer's or recurrent network's cost grows with the
     sequence length, and each sample is costed at its real length, not the batch's padded one.
+    A sample's length runs to its last token that is not ``pad_id`` (default: the network's
+    ``pad_token_id`` attribute, set by :func:`offramp.models.hf.hf_encoder`, else 0).
 
     Each distinct length is profiled once (:func:`profile` on a sample of that length, cut to
     it), so the costs are counted, not modelled.
@@ -208,11 +212,15 @@ def per_sample_cumulative(net: MultiExitNetwork, x: Tensor, *, pad_id: int = 0) 
     """
     if x.dim() != 2 or x.is_floating_point():
         raise ConfigError(f"per_sample_cumulative takes token ids (N, T), got {tuple(x.shape)}")
-    lengths = (x != pad_id).sum(dim=1).clamp_min(1)  # (N,) real tokens, right padding
+    pad = int(getattr(net, "pad_token_id", 0)) if pad_id is None else pad_id
+    t = x.shape[1]
+    real = (x != pad).cpu()
+    last = torch.where(real, torch.arange(t), -1).amax(dim=1)  # (N,) last real position
+    lengths = (last + 1).clamp_min(1)
     out = np.zeros((x.shape[0], net.num_exits))
     for length in lengths.unique().tolist():
         rows = (lengths == length).nonzero().squeeze(1)
-        sample = x[rows[:1], :length]  # (1, length): one of them, at its own length
+        sample = x[rows[:1].to(x.device), :length]  # (1, length): one of them, at its length
         out[rows.numpy()] = profile(net, sample).cumulative
     return out
 

@@ -49,15 +49,19 @@ class Graph:
 
 def gcn_adjacency(edge_index: Tensor, n: int) -> Tensor:
     """``D^{-1/2} (A + I) D^{-1/2}`` as a sparse COO tensor ``(n, n)`` (Kipf & Welling, eq. 2),
-    coalesced (rows in order, columns sorted within each row).
+    coalesced (rows in order, columns sorted within each row). ``edge_index`` lists both
+    directions of every undirected edge; self loops and repeated edges in it are dropped.
 
     Example:
         >>> a = gcn_adjacency(torch.tensor([[0, 1], [1, 0]]), 3)  # one edge, one lone node
         >>> a.to_dense().tolist()
         [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
     """
+    e = edge_index.long()
+    e = e[:, e[0] != e[1]]  # self loops given in edge_index would count twice
+    e = torch.unique(e, dim=1)  # so would repeated edges
     loops = torch.arange(n).repeat(2, 1)  # (2, n): every node to itself
-    idx = torch.cat([edge_index.long(), loops], dim=1)
+    idx = torch.cat([e, loops], dim=1)
     deg = torch.bincount(idx[0], minlength=n).double()
     val = (deg[idx[0]] * deg[idx[1]]).rsqrt().float()  # 1/√(d_i d_j), rounded once
     return torch.sparse_coo_tensor(idx, val, (n, n), check_invariants=True).coalesce()

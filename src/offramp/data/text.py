@@ -32,6 +32,12 @@ def words(text: str) -> list[str]:
     return text.lower().split()
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split at newlines only (``str.splitlines`` also splits at U+0085, which a Latin-1
+    byte 0x85 decodes to)."""
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
 def _need(path: Path) -> Path:
     if not path.is_file():
         raise DataError(f"{path} not found: point the loader at the dataset's folder")
@@ -52,7 +58,9 @@ def load_sst2(root: str | Path) -> dict[str, tuple[list[str], list[int]]]:
     for split, name in (("train", "train.tsv"), ("dev", "dev.tsv"), ("test", "test_labeled.tsv")):
         path = _need(Path(root) / name)
         texts, labels = [], []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()[1:], start=2):
+        for n, line in enumerate(_lines(path.read_text(encoding="utf-8"))[1:], start=2):
+            if not line.strip():
+                continue
             text, sep, label = line.rpartition("\t")
             if not sep or label.strip() not in ("0", "1"):
                 raise DataError(f"{path}:{n}: expected 'sentence<TAB>0|1', got {line[:80]!r}")
@@ -73,7 +81,9 @@ def load_trec(root: str | Path) -> dict[str, tuple[list[str], list[int]]]:
     for split, name in (("train", "train_5500.label"), ("test", "TREC_10.label")):
         path = _need(Path(root) / name)
         texts, labels = [], []
-        for n, line in enumerate(path.read_text(encoding="latin-1").splitlines(), start=1):
+        for n, line in enumerate(_lines(path.read_text(encoding="latin-1")), start=1):
+            if not line.strip():
+                continue
             label, _, text = line.partition(" ")
             coarse = label.split(":")[0]
             if coarse not in TREC_CLASSES or not text:
@@ -111,7 +121,9 @@ class Vocabulary:
         if min_freq < 1:
             raise ConfigError(f"min_freq must be ≥ 1, got {min_freq}")
         counts = Counter(w for t in texts for w in words(t))
-        kept = [w for w, c in counts.most_common() if c >= min_freq][:max_size]
+        reserved = {"<pad>", "<unk>"}  # a literal one in the text stays an ordinary word's id
+        kept = [w for w, c in counts.most_common() if c >= min_freq and w not in reserved]
+        kept = kept[:max_size]
         return cls(["<pad>", "<unk>", *kept])
 
     def encode(self, texts: Sequence[str], *, max_length: int | None = None) -> Tensor:

@@ -26,6 +26,8 @@ def dropout_nonzero(h: Tensor, p: float) -> Tensor:
     """Dropout drawn for the non-zero entries only: the same result in distribution as
     ``F.dropout`` (a zero stays zero either way), without a random draw for each of the many
     zeros of bag-of-words features (Cora: 1.3 % non-zero; the full draw took 3/4 of a step)."""
+    if p >= 1:
+        return torch.zeros_like(h)
     nz = h.nonzero(as_tuple=True)
     keep = torch.rand(nz[0].numel(), device=h.device) >= p
     out = torch.zeros_like(h)

@@ -147,6 +147,17 @@ def hf_encoder(
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     if pad is None:
         raise ConfigError("the model's config names no pad_token_id: pass pad_token_id=")
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ("eager", "sdpa"):
+        raise ConfigError(
+            f"hf_encoder passes each layer an additive attention mask, which attention "
+            f"{impl!r} does not take; load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    if distil and impl == "eager" and _transformers_major() < 5:
+        raise ConfigError(
+            "DistilBERT's eager attention in transformers 4.x reads a 0/1 mask, not the "
+            "additive one hf_encoder passes: load it with attn_implementation='sdpa'"
+        )
     d = int(getattr(config, "hidden_size", None) or getattr(config, "dim", 0))
     blocks: list[nn.Module] = [
         nn.Sequential(_Embed(embeddings, pad, distil), _Layer(layers[0], distil))
@@ -157,9 +168,17 @@ def hf_encoder(
         k: shared if shared is not None else _head(head, model, d, num_classes, dropout)
         for k in (*sorted(early), n - 1)
     }
-    return MultiExitNetwork(
+    net = MultiExitNetwork(
         blocks, heads, input_shape=(None,), num_classes=num_classes, trim_padding=True
     )
+    net.pad_token_id = int(pad)  # what per_sample_cumulative reads
+    return net
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
 
 
 def encode(tokenizer: object, texts: Sequence[str], *, max_length: int = 128) -> Tensor:

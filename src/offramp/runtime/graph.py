@@ -87,6 +87,11 @@ class GraphRuntime:
         policy.check(net.num_exits)
         self.net, self.policy = net, policy
         self._tests = list(policy.exit_tests())
+        if any(getattr(t, "on_features", False) for t in self._tests):
+            raise ConfigError(
+                "GraphRuntime decides on each exit's logits; policies that score features "
+                "(gates) are not supported on graphs"
+            )
 
     @torch.no_grad()
     def __call__(self, x: Tensor, adj: Tensor, targets: Tensor | None = None) -> GraphResult:
@@ -97,7 +102,7 @@ class GraphRuntime:
             raise ShapeError("adj must be a coalesced sparse COO tensor (gcn_adjacency gives one)")
         if adj.shape != (n, n):
             raise ShapeError(f"adjacency {tuple(adj.shape)} does not match {n} nodes")
-        targets = torch.arange(n) if targets is None else targets.long()
+        targets = torch.arange(n, device=x.device) if targets is None else targets.long()
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n):
             raise ConfigError(f"targets must be node indices 0 … {n - 1}")
         modes = [(m, m.training) for m in self.net.modules()]
@@ -113,40 +118,44 @@ class GraphRuntime:
         src, dst = adj.indices()  # row (receiving node), column (neighbour); rows sorted
         values = adj.values()
         count = targets.numel()
-        exits = torch.full((count,), net.num_exits - 1, dtype=torch.long)
+        dev = x.device
+        exits = torch.full((count,), net.num_exits - 1, dtype=torch.long, device=dev)
         out = x.new_zeros((count, net.dims[-1]))
-        live = torch.arange(count)  # positions in `targets` still undecided
+        live = torch.arange(count, device=dev)  # positions in `targets` still undecided
         state = self.policy.initial_state(count, x.device)
-        h, have = x, torch.arange(n)  # states of the previous layer, for the nodes `have`
+        h, have = x, torch.arange(n, device=dev)  # previous layer's states, for nodes `have`
         rows, transformed, edges = [], [], []
         heads = [0] * (net.num_exits - 1)
         for layer in range(net.num_layers):
             if live.numel() == 0:  # everyone has left: nothing more to compute
                 break
             # nodes whose state this layer must give: within (L − 1 − layer) hops of the live
-            need = torch.zeros(n, dtype=torch.bool)
+            need = torch.zeros(n, dtype=torch.bool, device=dev)
             need[targets[live]] = True
             for _ in range(net.num_layers - 1 - layer):
-                need[src[need[dst]]] = True  # one hop, closed (Â has self loops)
+                need[dst[need[src]]] = True  # one hop: every column a needed row reads
             whole = have.numel() == n and 2 * int(need.sum()) > n
             if whole:
                 # most of the graph needs this layer: run it on the whole graph, the plain
                 # network's own arithmetic, instead of gathering rows and a sub-adjacency
                 h = net.combine(layer, torch.sparse.mm(adj, net.transform(layer, h)))
-                pos_row = torch.arange(n)
+                pos_row = torch.arange(n, device=dev)
                 rows.append(n), transformed.append(n), edges.append(int(src.numel()))
             else:
                 keep = need[src]  # (E,) the rows of Â to read, whole
-                cols = torch.zeros(n, dtype=torch.bool)
+                cols = torch.zeros(n, dtype=torch.bool, device=dev)
                 cols[dst[keep]] = True
                 row_nodes, col_nodes = need.nonzero().squeeze(1), cols.nonzero().squeeze(1)
-                where = torch.full((n,), -1, dtype=torch.long)  # node -> row of previous states
-                where[have] = torch.arange(have.numel())
-                t = net.transform(layer, h[where[col_nodes]])  # (|cols|, d_out)
-                pos_row = torch.full((n,), -1, dtype=torch.long)
-                pos_row[row_nodes] = torch.arange(row_nodes.numel())
-                pos_col = torch.full((n,), -1, dtype=torch.long)
-                pos_col[col_nodes] = torch.arange(col_nodes.numel())
+                where = torch.full((n,), -1, dtype=torch.long, device=dev)  # node -> prev row
+                where[have] = torch.arange(have.numel(), device=dev)
+                prev = where[col_nodes]
+                if bool((prev < 0).any()):  # pragma: no cover - the receptive field covers it
+                    raise ConfigError("internal: a node's neighbour was not computed")
+                t = net.transform(layer, h[prev])  # (|cols|, d_out)
+                pos_row = torch.full((n,), -1, dtype=torch.long, device=dev)
+                pos_row[row_nodes] = torch.arange(row_nodes.numel(), device=dev)
+                pos_col = torch.full((n,), -1, dtype=torch.long, device=dev)
+                pos_col[col_nodes] = torch.arange(col_nodes.numel(), device=dev)
                 sub = torch.sparse_coo_tensor(
                     torch.stack([pos_row[src[keep]], pos_col[dst[keep]]]),
                     values[keep],

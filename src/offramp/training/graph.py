@@ -2,7 +2,7 @@
 
 Every epoch is one pass over the graph: each exit's cross-entropy on the training nodes,
 summed with weights (eq. 6, as :class:`~offramp.training.JointTraining` for images), one Adam
-step with weight decay — Kipf & Welling's recipe (200 epochs, lr 0.01, weight decay 5e-4,
+step — Kipf & Welling's recipe (200 epochs, lr 0.01, weight decay 5e-4 on the first layer,
 dropout 0.5). The weights of the epoch with the best mean validation accuracy over the exits
 are kept.
 """
@@ -73,7 +73,7 @@ def fit_graph(
         val: validation node indices; with them, the best epoch's weights are kept.
         epochs: full-graph steps.
         lr: Adam learning rate.
-        weight_decay: L2 penalty (Adam's ``weight_decay``).
+        weight_decay: L2 penalty on the first layer's weights (Adam's ``weight_decay``).
         exit_weights: weight of each exit's loss (default: 1 each).
         seed: seeds dropout.
         show_progress: a progress bar.
@@ -88,7 +88,12 @@ def fit_graph(
         raise ConfigError(f"got {len(w)} exit weights for {net.num_exits} exits")
     if seed is not None:
         torch.manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    first = list(net.weights[0].parameters())
+    rest = [p for p in net.parameters() if all(p is not q for q in first)]
+    opt = torch.optim.Adam(  # L2 on the first layer only, as Kipf & Welling
+        [{"params": first, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr,
+    )
     history: list[GraphEpoch] = []
     best, best_state = -1.0, None
     for epoch in progress(range(epochs), total=epochs, desc="train", enabled=show_progress):
