@@ -412,6 +412,7 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     spent = cost_test[np.arange(len(sim.exits)), sim.exits]
     relative = float(spent.sum() / cost_test[:, -1].sum())
     rt = EarlyExitRuntime(net, policy)
+    agree = float((rt(xt).exits.numpy() == sim.exits).mean())
     b1, bb = _speedups(rt, batches, ones, args.repeats)
     rows.append(
         {
@@ -424,6 +425,7 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
             "speedup_batch": bb,
             "speedup_vs_flops": bb * relative,
             "exit_fractions": np.bincount(sim.exits, minlength=net.num_exits).tolist(),
+            "runtime_matches_simulation": agree,
         }
     )
     return rows
