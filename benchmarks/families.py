@@ -237,9 +237,8 @@ def run_rnn(args: argparse.Namespace, cell: str) -> list[dict[str, Any]]:
     rec_val, rec_test = ExitRecord.collect(net, (xv, yv)), ExitRecord.collect(net, (xt, yt))
     cost_val = per_sample_cumulative(net, xv).mean(0)
     cost_test = per_sample_cumulative(net, xt)
-    order = torch.arange(len(xt))
-    batches = _text_batches(xt[order], 64)
-    ones = [b[:, : max(int((b != 0).sum()), 1)] for b in xt[:300].split(1)]
+    batches = _text_batches(xt, 64)
+    ones = _text_batches(xt[:300], 1)
     return _row(
         cell,
         "trec",
@@ -392,7 +391,7 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     cost_val = per_sample_cumulative(net, xv).mean(0)
     cost_test = per_sample_cumulative(net, xt)
     batches = _text_batches(xt, 64)
-    ones = [r[:, : int((r != 0).sum())] for r in xt[:200].split(1)]
+    ones = _text_batches(xt[:200], 1)
     rows = _row(
         "minilm",
         "sst2",

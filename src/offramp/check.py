@@ -24,7 +24,7 @@ from offramp.errors import ConformanceError, OfframpError
 from offramp.evaluation import ExitRecord, simulate
 from offramp.flop_formulas import FORMULAS
 from offramp.models.gcn import GraphNetwork
-from offramp.network import MultiExitNetwork
+from offramp.network import MultiExitNetwork, evaluating
 from offramp.policies import ThresholdPolicy, max_softmax
 from offramp.runtime import EarlyExitRuntime
 from offramp.runtime.graph import GraphRuntime, graph_flops
@@ -71,6 +71,18 @@ class NetworkCheck:
     def passed(self) -> bool:
         """Every applicable guarantee held."""
         return all(r.passed is not False for r in self.rows)
+
+    def record(self, name: str, ok: bool | None, detail: str) -> None:
+        """Add a row; a broken guarantee (``ok`` False) raises with the report so far.
+
+        Raises:
+            ConformanceError: ``ok`` is False.
+        """
+        self.rows.append(CheckRow(name, ok, detail))
+        if ok is False:
+            raise ConformanceError(
+                f"check_network: '{name}' does not hold: {detail}\n{self}", report=self
+            )
 
     def __str__(self) -> str:
         width = max((len(r.name) for r in self.rows), default=0)
@@ -144,17 +156,8 @@ def check_network(
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 4:
         raise ConformanceError("example_batch must be a batch of at least 4 samples (B, ...)")
     report = NetworkCheck()
-
-    def record(name: str, ok: bool | None, detail: str) -> None:
-        report.rows.append(CheckRow(name, ok, detail))
-        if ok is False:
-            raise ConformanceError(
-                f"check_network: '{name}' does not hold: {detail}\n{report}", report=report
-            )
-
-    modes_before = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
+    record = report.record
+    with evaluating(net):
         _check_outputs(net, x, record)
         outs = _outputs(net, x)
         _check_truncate(net, x, outs, atol, record)
@@ -163,9 +166,6 @@ def check_network(
         _check_gradients(net, x, record)
         for mode in modes:
             _check_runtime(net, x, outs, mode, atol, record)
-    finally:
-        for m, mode in modes_before:
-            m.training = mode
     return report
 
 
@@ -354,17 +354,8 @@ def _check_runtime(
 
 def _check_graph(net: GraphNetwork, x: Tensor, adj: Tensor, atol: float) -> NetworkCheck:
     report = NetworkCheck()
-
-    def record(name: str, ok: bool | None, detail: str) -> None:
-        report.rows.append(CheckRow(name, ok, detail))
-        if ok is False:
-            raise ConformanceError(
-                f"check_network: '{name}' does not hold: {detail}\n{report}", report=report
-            )
-
-    modes_before = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
+    record = report.record
+    with evaluating(net):
         with torch.no_grad():
             outs = list(net(x, adj))
         finite = all(bool(torch.isfinite(o).all()) for o in outs)
@@ -413,7 +404,4 @@ def _check_graph(net: GraphNetwork, x: Tensor, adj: Tensor, atol: float) -> Netw
             agree and r.flops == counter.get_total_flops(),
             f"rows per layer {list(r.rows)}, {r.flops} FLOPs of {want}",
         )
-    finally:
-        for m, mode in modes_before:
-            m.training = mode
     return report

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from offramp.activations import Activation, features, padding_mask
 from offramp.errors import ConversionError, ShapeError
 from offramp.heads import TOKEN_HEADS, HeadFactory, OnFeatures, make_head
-from offramp.network import MultiExitNetwork, block_outputs
+from offramp.network import MultiExitNetwork, block_outputs, evaluating
 
 __all__ = ["attach_exits", "split_model"]
 
@@ -131,13 +131,8 @@ def _propagate_shapes(gm: torch.fx.GraphModule, example: Tensor) -> None:
     mode without gradients; every module gets its own mode back."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    modes = [(m, m.training) for m in gm.modules()]
-    try:
-        with torch.no_grad():
-            ShapeProp(gm.eval()).propagate(example)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with torch.no_grad(), evaluating(gm):
+        ShapeProp(gm).propagate(example)
 
 
 def _is_tensor(node: torch.fx.Node) -> bool | None:

@@ -7,6 +7,7 @@ block always carries the final exit. Everything else in offramp (training, the c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, overload
@@ -24,6 +25,7 @@ __all__ = [
     "block_output_shapes",
     "block_outputs",
     "check_input",
+    "evaluating",
     "input_dtype",
 ]
 
@@ -80,6 +82,29 @@ _CASTS = {
 }
 
 
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Every module of ``modules`` in eval mode inside the block; each gets its own mode back
+    after it (a module left half in train mode stays so).
+
+    Example:
+        >>> m = nn.Sequential(nn.Dropout(), nn.Linear(2, 2)).train()
+        >>> with evaluating(m):
+        ...     m.training
+        False
+        >>> m.training
+        True
+    """
+    modes = [(m, m.training) for top in modules for m in top.modules()]
+    try:
+        for top in modules:
+            top.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def block_outputs(blocks: Sequence[nn.Module], example: Tensor | Sequence[int]) -> list[Activation]:
     """What each block of a chain outputs on ``example`` (a batch) or, given an input shape,
     on one zero sample — the one probe of offramp, for sizing heads. Runs in eval mode without
@@ -94,16 +119,11 @@ def block_outputs(blocks: Sequence[nn.Module], example: Tensor | Sequence[int]) 
         [(1, 8), (1, 2)]
     """
     h: Activation = example if isinstance(example, Tensor) else torch.zeros(1, *example)
-    modes = [(m, m.training) for b in blocks for m in b.modules()]
     outs: list[Activation] = []
-    try:
-        with torch.no_grad():
-            for k, block in enumerate(blocks):
-                h = check_activation(block.eval()(h), f"block {k} ({type(block).__name__})")
-                outs.append(h)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with torch.no_grad(), evaluating(*blocks):
+        for k, block in enumerate(blocks):
+            h = check_activation(block(h), f"block {k} ({type(block).__name__})")
+            outs.append(h)
     return outs
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.heads import TokenPool
+from offramp.models.exits import early_exits
 from offramp.network import MultiExitNetwork
 
 __all__ = ["HF_HEADS", "encode", "hf_encoder"]
@@ -137,12 +138,7 @@ def hf_encoder(
     n = len(layers)
     if head not in HF_HEADS:
         raise ConfigError(f"unknown head {head!r}; choose one of {list(HF_HEADS)}")
-    early = tuple(range(n - 1)) if exits_after is None else tuple(int(k) for k in exits_after)
-    if any(not 0 <= k < n - 1 for k in early) or len(set(early)) != len(early):
-        raise ConfigError(
-            f"exits_after must name distinct layers 0 … {n - 2} (layer {n - 1} carries the "
-            f"final exit), got {list(early)}"
-        )
+    early = early_exits(exits_after, n)
     config = getattr(model, "config", None)
     pad = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
     if pad is None:

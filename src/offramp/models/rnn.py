@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.heads import TokenPool
+from offramp.models.exits import early_exits
 from offramp.network import MultiExitNetwork
 
 __all__ = ["CELLS", "rnn_classifier"]
@@ -91,12 +92,7 @@ def rnn_classifier(
         raise ConfigError(f"recurrent heads read the 'last' or 'mean' token, got {head!r}")
     if layers < 1 or vocab_size < 2:
         raise ConfigError(f"need layers ≥ 1 and vocab_size ≥ 2, got {layers}, {vocab_size}")
-    early = tuple(range(layers - 1)) if exits_after is None else tuple(exits_after)
-    if any(not 0 <= k < layers - 1 for k in early):
-        raise ConfigError(
-            f"exits_after must lie in 0 … {layers - 2} (layer {layers - 1} carries the final "
-            f"exit), got {list(early)}"
-        )
+    early = early_exits(exits_after, layers)
     if seed is not None:
         torch.manual_seed(seed)
     kind = CELLS[cell]

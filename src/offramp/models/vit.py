@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from offramp.errors import ConfigError
 from offramp.heads import TokenPool
+from offramp.models.exits import early_exits
 from offramp.network import MultiExitNetwork
 
 __all__ = ["vit"]
@@ -84,12 +85,7 @@ def vit(
         )
     if head not in ("cls", "mean"):
         raise ConfigError(f"vit heads read 'cls' or 'mean' tokens, got head {head!r}")
-    early = tuple(range(depth - 1)) if exits_after is None else tuple(exits_after)
-    if any(not 0 <= k < depth - 1 for k in early):
-        raise ConfigError(
-            f"exits_after must lie in 0 … {depth - 2} (layer {depth - 1} carries the final "
-            f"exit), got {list(early)}"
-        )
+    early = early_exits(exits_after, depth)
     if seed is not None:
         torch.manual_seed(seed)
 

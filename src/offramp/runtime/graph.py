@@ -20,6 +20,7 @@ from torch import Tensor
 
 from offramp.errors import ConfigError, ShapeError
 from offramp.models.gcn import GraphNetwork
+from offramp.network import evaluating
 from offramp.policies import ExitPolicy
 
 __all__ = ["GraphResult", "GraphRuntime", "graph_flops", "layer_flops"]
@@ -105,13 +106,8 @@ class GraphRuntime:
         targets = torch.arange(n, device=x.device) if targets is None else targets.long()
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= n):
             raise ConfigError(f"targets must be node indices 0 … {n - 1}")
-        modes = [(m, m.training) for m in self.net.modules()]
-        self.net.eval()
-        try:
+        with evaluating(self.net):
             return self._run(x, adj, targets)
-        finally:
-            for m, mode in modes:
-                m.training = mode
 
     def _run(self, x: Tensor, adj: Tensor, targets: Tensor) -> GraphResult:
         net, n = self.net, x.shape[0]

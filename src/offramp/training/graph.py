@@ -20,6 +20,7 @@ from torch import Tensor
 from offramp._progress import progress
 from offramp.errors import ConfigError
 from offramp.models.gcn import GraphNetwork
+from offramp.network import evaluating
 
 __all__ = ["GraphEpoch", "fit_graph", "graph_logits"]
 
@@ -38,13 +39,8 @@ def graph_logits(net: GraphNetwork, x: Tensor, adj: Tensor) -> Tensor:
     """Every exit's logits for every node, ``(E, N, C)``, in eval mode (modes restored) — the
     record the simulation, the calibration and the oracle read (``ExitRecord(logits[:, idx],
     y[idx])``)."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
+    with evaluating(net):
         return net(x, adj).stack()
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def fit_graph(
