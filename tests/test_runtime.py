@@ -167,6 +167,22 @@ def test_compiled_padding_keeps_inputs_order_and_global_config():
         torch.testing.assert_close(plain, net(x)[-1], rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_stages_take_activations_with_side_inputs():
+    # token models pass (states, padding mask) between stages: compile mode keyed its
+    # variants on `h.shape` and failed on the tuple with a misleading "needs a C++ compiler"
+    from offramp.models import rnn_classifier
+
+    net = rnn_classifier(30, 3, layers=2, embed_dim=8, hidden=8, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 30, (6, 7), generator=g)
+    x[torch.arange(7) >= torch.tensor([7, 5, 3, 7, 2, 6])[:, None]] = 0
+    pol = ThresholdPolicy("max_prob", (0.5,))
+    rt = EarlyExitRuntime(net, pol, mode="compile", example_input=x)
+    res, want = rt(x), EarlyExitRuntime(net, pol)(x)
+    assert torch.equal(res.exits, want.exits)
+    torch.testing.assert_close(res.logits, want.logits, rtol=1e-4, atol=1e-5)
+
+
 def test_compiled_variants_are_one_per_signature_and_respect_strides():
     from offramp.runtime.backends import _Compiled
 

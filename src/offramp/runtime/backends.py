@@ -226,10 +226,10 @@ class _Compiled:
     def __call__(self, *args: Tensor) -> Any:
         grad = torch.is_grad_enabled()  # freezing applies without grad only
         autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
-        key = (
+        key = (  # every tensor's signature: an activation may be (h, *side inputs)
             grad,
             autocast,
-            *((a.shape, a.stride(), a.dtype, a.device) for a in args),
+            *((a.shape, a.stride(), a.dtype, a.device) for a in _as_tuple(args)),
         )
         fn = self._variants.get(key)
         if fn is not None:

@@ -120,6 +120,7 @@ class GraphRuntime:
         live = torch.arange(count, device=dev)  # positions in `targets` still undecided
         state = self.policy.initial_state(count, x.device)
         h, have = x, torch.arange(n, device=dev)  # previous layer's states, for nodes `have`
+        crow: Tensor | None = None
         rows, transformed, edges = [], [], []
         heads = [0] * (net.num_exits - 1)
         for layer in range(net.num_layers):
@@ -134,27 +135,41 @@ class GraphRuntime:
             if whole:
                 # most of the graph needs this layer: run it on the whole graph, the plain
                 # network's own arithmetic, instead of gathering rows and a sub-adjacency
-                h = net.combine(layer, torch.sparse.mm(adj, net.transform(layer, h)))
-                pos_row = torch.arange(n, device=dev)
+                h = net.combine(layer, torch.sparse.mm(adj, net.transform(layer, h)))  # `have`: all
                 rows.append(n), transformed.append(n), edges.append(int(src.numel()))
             else:
-                keep = need[src]  # (E,) the rows of Â to read, whole
-                cols = torch.zeros(n, dtype=torch.bool, device=dev)
-                cols[dst[keep]] = True
-                row_nodes, col_nodes = need.nonzero().squeeze(1), cols.nonzero().squeeze(1)
-                where = torch.full((n,), -1, dtype=torch.long, device=dev)  # node -> prev row
-                where[have] = torch.arange(have.numel(), device=dev)
-                prev = where[col_nodes]
-                if bool((prev < 0).any()):  # pragma: no cover - the receptive field covers it
-                    raise ConfigError("internal: a node's neighbour was not computed")
-                t = net.transform(layer, h[prev])  # (|cols|, d_out)
-                pos_row = torch.full((n,), -1, dtype=torch.long, device=dev)
-                pos_row[row_nodes] = torch.arange(row_nodes.numel(), device=dev)
-                pos_col = torch.full((n,), -1, dtype=torch.long, device=dev)
+                if crow is None:  # row r of Â is entries crow[r] … crow[r + 1] − 1
+                    deg = torch.bincount(src, minlength=n)
+                    crow = torch.cat([deg.new_zeros(1), deg.cumsum(0)])
+                row_nodes = need.nonzero().squeeze(1)  # sorted node ids
+                starts = crow[row_nodes]
+                counts = crow[row_nodes + 1] - starts  # entries per needed row
+                ends = counts.cumsum(0)
+                total = int(ends[-1]) if ends.numel() else 0
+                # (total,) the entries of the needed rows, whole and in adj's order
+                entry = torch.repeat_interleave(starts - (ends - counts), counts, output_size=total)
+                entry += torch.arange(total, device=dev)
+                cols = dst[entry]
+                read = torch.zeros(n, dtype=torch.bool, device=dev)
+                read[cols] = True
+                col_nodes = read.nonzero().squeeze(1)  # sorted node ids
+                pos_col = torch.empty(n, dtype=torch.long, device=dev)  # node -> column of sub
                 pos_col[col_nodes] = torch.arange(col_nodes.numel(), device=dev)
+                if have.numel() == n:  # the previous layer computed every node
+                    prev = col_nodes
+                else:
+                    where = torch.full((n,), -1, dtype=torch.long, device=dev)  # node -> prev row
+                    where[have] = torch.arange(have.numel(), device=dev)
+                    prev = where[col_nodes]
+                    if bool((prev < 0).any()):  # pragma: no cover - the field covers it
+                        raise ConfigError("internal: a node's neighbour was not computed")
+                t = net.transform(layer, h[prev])  # (|cols|, d_out)
+                local_rows = torch.repeat_interleave(
+                    torch.arange(row_nodes.numel(), device=dev), counts, output_size=total
+                )
                 sub = torch.sparse_coo_tensor(
-                    torch.stack([pos_row[src[keep]], pos_col[dst[keep]]]),
-                    values[keep],
+                    torch.stack([local_rows, pos_col[cols]]),
+                    values[entry],
                     (row_nodes.numel(), col_nodes.numel()),
                     is_coalesced=True,  # rows and columns keep the node order of adj's indices
                     check_invariants=False,  # built here from a valid adjacency
@@ -163,8 +178,9 @@ class GraphRuntime:
                 have = row_nodes
                 rows.append(row_nodes.numel())
                 transformed.append(col_nodes.numel())
-                edges.append(int(keep.sum()))
-            at = pos_row[targets[live]]  # the live targets' rows of h
+                edges.append(total)
+            # the live targets' rows of h (every node's after a whole layer)
+            at = targets[live] if have.numel() == n else torch.searchsorted(have, targets[live])
             if layer == net.num_layers - 1:
                 out[live] = h[at]
                 break
