@@ -338,3 +338,36 @@ def test_with_candidate_exits_checks_blocks_and_leaves_the_caller_alone():
     with_candidate_exits(net, seed=3)
     assert net.training
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_candidates_on_token_models_get_token_heads_and_train():
+    # placement once sized a 'pool' head on ViT tokens (B, 17, 64) as Linear(17 -> C) and failed
+    # with a raw TypeError on a text network (input_shape (None,)); heads-only training could not
+    # cache (states, padding mask) activations
+    import sys
+    from pathlib import Path
+
+    from offramp.heads import TokenPool
+    from offramp.models import rnn_classifier, vit
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from families import padded_ids
+
+    cand = with_candidate_exits(vit(28, 10, depth=3, seed=0))
+    assert cand.heads[0][-1].in_features == 64  # mean over the tokens, then width -> classes
+    text = rnn_classifier(50, 3, layers=3, seed=0)
+    with pytest.raises(ConfigError, match="example=x"):
+        with_candidate_exits(text)
+    x = padded_ids(48)
+    y = x[:, 0] % 3
+    cand = with_candidate_exits(text, example=x[:2])
+    assert cand.trim_padding and isinstance(cand.heads[0][0], TokenPool)
+    before = [h[-1].weight.clone() for h in cand.heads[:-1]]
+    with torch.no_grad():
+        final = cand.eval()(x).final.clone()
+    train_candidate_heads(cand, (x, y), epochs=2, show_progress=False)
+    after = [h[-1].weight for h in cand.heads[:-1]]
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    with torch.no_grad():
+        torch.testing.assert_close(cand.eval()(x).final, final)  # the backbone is left alone
+    assert candidate_costs(cand, x).num == 3

@@ -17,9 +17,9 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from offramp.activations import Activation, features, padding_mask
+from offramp.activations import Activation, features
 from offramp.errors import ConversionError, ShapeError
-from offramp.heads import TOKEN_HEADS, HeadFactory, OnFeatures, make_head
+from offramp.heads import HeadFactory, head_for
 from offramp.network import MultiExitNetwork, block_outputs, evaluating
 
 __all__ = ["attach_exits", "split_model"]
@@ -394,22 +394,17 @@ def _head_at(
     options: dict[str, object],
 ) -> nn.Module:
     """The head of the exit after layer ``name``, for the activation ``h`` found there."""
-    x, pad = features(h), padding_mask(h)
     try:
         layer: nn.Module | None = model.get_submodule(str(name))
     except AttributeError:
         layer = None
-    tokens = pad is not None or (isinstance(layer, SEQUENCE_MODULES) and x.dim() == 3)
-    if spec is None:
-        spec = "mean" if tokens else "linear"
-    if tokens and spec == "pool":  # global pooling over tokens is their mean
-        spec = "mean"
-    if pad is not None and isinstance(spec, str) and spec not in TOKEN_HEADS:
-        raise ConversionError(
-            f"head {spec!r} after {name!r} would read padded token features (B, T, D) as a "
-            f"fixed-size input; use a token head: {sorted(TOKEN_HEADS)}"
-        )
-    head = make_head(spec, tuple(x.shape[1:]), num_classes, **options)
-    if isinstance(h, tuple) and not (isinstance(spec, str) and spec in TOKEN_HEADS):
-        head = OnFeatures(head)
-    return head
+    tokens = isinstance(layer, SEQUENCE_MODULES)
+    return head_for(
+        spec,
+        h,
+        num_classes,
+        tokens=tokens,
+        where=f"after {name!r}",
+        error=ConversionError,
+        **options,
+    )

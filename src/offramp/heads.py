@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from offramp.activations import Activation, features, padding_mask
-from offramp.errors import ConfigError, DataError
+from offramp.errors import ConfigError, DataError, OfframpError
 
 __all__ = [
     "HEADS",
@@ -46,6 +46,7 @@ __all__ = [
     "SklearnHead",
     "TokenPool",
     "conv_head",
+    "head_for",
     "linear_head",
     "load_sklearn_estimator",
     "make_head",
@@ -232,6 +233,53 @@ def last_head(in_shape: tuple[int, ...], num_classes: int, hidden: int | None = 
 
 #: Heads that read the padding mask themselves (every other head is given the features alone).
 TOKEN_HEADS = frozenset({"mean", "cls", "last"})
+
+
+def head_for(
+    spec: str | HeadFactory | None,
+    h: Activation,
+    num_classes: int,
+    *,
+    tokens: bool = False,
+    where: str = "here",
+    error: type[OfframpError] = ConfigError,
+    **options: object,
+) -> nn.Module:
+    """The head for the activation ``h`` an exit sees (features, or ``(h, *side)``).
+
+    Token features (``h`` carries a padding mask, or ``tokens`` says its ``(B, T, D)`` are
+    tokens) get token heads: ``None`` and ``"pool"`` mean ``"mean"`` there, and a head that
+    would read padded tokens as a fixed-size input is refused. Other heads given side inputs
+    see the features alone (:class:`OnFeatures`). ``None`` elsewhere means ``"linear"``.
+
+    Args:
+        spec: head zoo name, factory, or ``None`` for the default.
+        h: the activation on an example batch.
+        num_classes: number of outputs.
+        tokens: ``h``'s features are token features even without a padding mask.
+        where: where the exit is, for the error message.
+        error: the error class refusing a fixed-size head on padded tokens.
+        **options: passed to the factory.
+
+    Example:
+        >>> import torch
+        >>> head = head_for("pool", torch.randn(2, 5, 8), 3, tokens=True)
+        >>> tuple(head(torch.randn(2, 5, 8)).shape)  # mean over the 5 tokens, then 8 -> 3
+        (2, 3)
+    """
+    x, pad = features(h), padding_mask(h)
+    tokens = pad is not None or (tokens and x.dim() == 3)
+    if spec is None or (tokens and spec == "pool"):  # global pooling over tokens: their mean
+        spec = "mean" if tokens else "linear"
+    if pad is not None and isinstance(spec, str) and spec not in TOKEN_HEADS:
+        raise error(
+            f"head {spec!r} {where} would read padded token features (B, T, D) as a "
+            f"fixed-size input; use a token head: {sorted(TOKEN_HEADS)}"
+        )
+    head = make_head(spec, tuple(x.shape[1:]), num_classes, **options)
+    if isinstance(h, tuple) and not (isinstance(spec, str) and spec in TOKEN_HEADS):
+        head = OnFeatures(head)
+    return head
 
 
 def _windows(n: int, size: int) -> list[tuple[int, int]]:

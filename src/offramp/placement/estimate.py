@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from offramp.convert import SEQUENCE_MODULES
 from offramp.costs import COSTS, profile
 from offramp.errors import ConfigError
-from offramp.heads import HeadFactory, make_head
-from offramp.network import MultiExitNetwork, block_output_shapes
+from offramp.heads import HeadFactory, head_for
+from offramp.network import MultiExitNetwork, block_outputs, evaluating
 from offramp.placement.problem import Candidates
 
 __all__ = [
@@ -39,15 +40,22 @@ def with_candidate_exits(
     blocks: Sequence[int] | None = None,
     *,
     seed: int | None = 0,
+    example: Tensor | None = None,
 ) -> MultiExitNetwork:
     """A network sharing ``net``'s blocks and final head, with a fresh head after every
     candidate block.
+
+    Token features (a block ending in a transformer or recurrent layer, or carrying a
+    padding mask) get token heads: ``"pool"`` means the mean over real tokens there, as in
+    :func:`offramp.attach_exits`.
 
     Args:
         net: the backbone (its early heads, if any, are not used).
         head: head zoo name or factory, built for each candidate's ``h_i`` shape.
         blocks: candidate block indices; default every block but the last.
         seed: seeds the new heads' initialisation.
+        example: an example batch, for networks whose input size varies (text: ``input_shape``
+            with ``None``); default one zero sample of ``input_shape``.
 
     Example:
         >>> from offramp.models import resnet
@@ -55,10 +63,11 @@ def with_candidate_exits(
         >>> with_candidate_exits(net).exit_blocks
         (0, 1, 2)
     """
-    if net.input_shape is None:
+    if example is None and (net.input_shape is None or None in net.input_shape):
         raise ConfigError(
             "candidate heads are sized from each block's output: build the network with "
-            "input_shape=(C, H, W)"
+            "input_shape=(C, H, W), or pass example=x[:2] when its input size varies "
+            f"(input_shape={net.input_shape})"
         )
     n = len(net.blocks)
     wanted = list(range(n - 1)) if blocks is None else [int(b) for b in blocks]
@@ -69,19 +78,31 @@ def with_candidate_exits(
             f"{n - 2} (or −{n} … −2); the last block ({n - 1}) always carries the final exit"
         )
     chosen = sorted({b % n for b in wanted})
-    shapes = block_output_shapes(list(net.blocks), net.input_shape)
-    was_training = net.training
-    with torch.no_grad():
-        net.eval()
-        classes = int(net(torch.zeros(1, *net.input_shape)).final.shape[1])
-    net.train(was_training)
+    probe = example if example is not None else net.input_shape
+    assert probe is not None
+    outputs = block_outputs(list(net.blocks), probe)
+    with torch.no_grad(), evaluating(net):
+        classes = int(net.heads[-1](outputs[-1]).shape[1])
     with torch.random.fork_rng(devices=[]):  # seeds the new heads, not the caller's stream
         if seed is not None:
             torch.manual_seed(seed)
-        heads: dict[int, nn.Module] = {b: make_head(head, shapes[b], classes) for b in chosen}
+        heads: dict[int, nn.Module] = {
+            b: head_for(
+                head,
+                outputs[b],
+                classes,
+                tokens=any(isinstance(m, SEQUENCE_MODULES) for m in net.blocks[b].modules()),
+                where=f"after block {b}",
+            )
+            for b in chosen
+        }
     heads[n - 1] = net.heads[-1]
     return MultiExitNetwork(
-        list(net.blocks), heads, input_shape=net.input_shape, num_classes=classes
+        list(net.blocks),
+        heads,
+        input_shape=net.input_shape,
+        num_classes=classes,
+        trim_padding=net.trim_padding,
     )
 
 

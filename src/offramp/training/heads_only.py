@@ -19,6 +19,7 @@ added to a model you cannot retrain.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,9 +27,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from offramp.activations import Activation, features
 from offramp.errors import ConfigError
 from offramp.heads import SklearnHead
-from offramp.network import MultiExitNetwork
+from offramp.network import MultiExitNetwork, block_outputs
 from offramp.training.cache import FeatureStore, cache_outputs
 from offramp.training.distributed import world_info
 from offramp.training.joint import JointTraining
@@ -45,7 +47,9 @@ __all__ = ["fit_backbone_then_heads", "fit_sklearn_heads"]
 
 
 def _features(net: MultiExitNetwork) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    """``h`` at every early exit: the blocks up to the last early exit, no heads."""
+    """``h`` at every early exit: the blocks up to the last early exit, no heads; an
+    activation with side inputs (token features and their padding mask) packed into one
+    tensor (:func:`_pack`)."""
     early = net.exit_blocks[:-1]
 
     def run(b: Tensor) -> tuple[Tensor, ...]:
@@ -53,9 +57,47 @@ def _features(net: MultiExitNetwork) -> Callable[[Tensor], tuple[Tensor, ...]]:
         for block in net.blocks[: early[-1] + 1]:
             h = block(h)
             feats.append(h)
-        return tuple(feats[k] for k in early)
+        return tuple(_pack(feats[k]) for k in early)
 
     return run
+
+
+def _pack(h: Activation) -> Tensor:
+    """``h``, or every tensor of ``(h, *side)`` flattened per sample, cast to ``h``'s dtype
+    and put side by side: ``(B, Σ size)``, so the fit loop can batch it like features."""
+    if not isinstance(h, tuple):
+        return h
+    dtype = features(h).dtype
+    return torch.cat([t.reshape(t.shape[0], -1).to(dtype) for t in h], dim=1)
+
+
+class _Unpack(nn.Module):
+    """The inverse of :func:`_pack` for one activation's ``layout`` (per-sample shape and
+    dtype of every tensor): the block in front of a head trained on packed features."""
+
+    def __init__(self, layout: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> None:
+        super().__init__()
+        self.layout = list(layout)
+
+    def forward(self, packed: Tensor) -> tuple[Tensor, ...]:
+        out, start = [], 0
+        for shape, dtype in self.layout:
+            size = math.prod(shape)
+            t = packed[:, start : start + size].reshape(-1, *shape)  # (B, *shape)
+            out.append(t if dtype.is_floating_point else t.round().to(dtype))
+            start += size
+        return tuple(out)
+
+
+def _layouts(
+    net: MultiExitNetwork, x: Tensor
+) -> list[list[tuple[tuple[int, ...], torch.dtype]] | None]:
+    """Per early exit: the layout of its activation when it carries side inputs, else None."""
+    outs = block_outputs(list(net.blocks[: net.exit_blocks[-2] + 1]), x[:2])
+    return [
+        [(tuple(t.shape[1:]), t.dtype) for t in outs[k]] if isinstance(outs[k], tuple) else None
+        for k in net.exit_blocks[:-1]
+    ]
 
 
 def fit_sklearn_heads(
@@ -154,6 +196,7 @@ def fit_backbone_then_heads(
         return history
     x, y = data
     rank = world_info()[0]
+    layouts = _layouts(net, x)
     store = FeatureStore()
     try:
         kw = {
@@ -176,6 +219,12 @@ def fit_backbone_then_heads(
             else None
         )
         if sklearn is not None:
+            if any(lay is not None for lay in layouts):
+                raise ConfigError(
+                    "scikit-learn heads read fixed-size features, but this network's exits "
+                    "see token features with a padding mask: train neural token heads "
+                    "(sklearn=None)"
+                )
             t0 = time.perf_counter()
             accs = fit_sklearn_heads(net, feats, y, sklearn)
             for i, acc in enumerate(accs):
@@ -192,7 +241,8 @@ def fit_backbone_then_heads(
             net.eval()
             return history
         for i in range(e - 1):
-            head_net = MultiExitNetwork([nn.Identity()], {0: net.heads[i]})
+            front = nn.Identity() if layouts[i] is None else _Unpack(layouts[i])
+            head_net = MultiExitNetwork([front], {0: net.heads[i]})
             head_cfg = replace(
                 cfg,
                 epochs=head_epochs or cfg.epochs,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from offramp._values import to_bool, to_float, to_int
 from offramp.errors import ConfigError
-from offramp.network import MultiExitNetwork
+from offramp.network import MultiExitNetwork, block_outputs
 from offramp.training.joint import (
     JointTraining,
     Schedule,
@@ -40,11 +40,13 @@ from offramp.training.joint import (
 from offramp.training.loop import EpochLog, FitConfig, fit
 
 __all__ = [
+    "FIXED_FEATURE_STRATEGIES",
     "MULTI_FIT",
     "OPTIONS",
     "OPTION_TYPES",
     "SCHEDULES",
     "STRATEGIES",
+    "check_applies",
     "check_fit_options",
     "coerce_options",
     "make_schedule",
@@ -213,6 +215,43 @@ def check_fit_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+#: Strategies that read every ``h_i`` as one fixed-size tensor (gates, local classifiers,
+#: stage-by-stage caches, the information-bottleneck kernel on the inputs).
+FIXED_FEATURE_STRATEGIES = ("gated", "cost", "layerwise", "local", "ib")
+
+
+def check_applies(name: str, net: MultiExitNetwork, example_input: Tensor) -> None:
+    """Refuse strategy ``name`` on a network it cannot train, before any training: the
+    strategies of :data:`FIXED_FEATURE_STRATEGIES` on networks whose blocks pass token
+    features with a padding mask (text models), and ``ib`` on integer inputs (token ids).
+
+    Example:
+        >>> import torch
+        >>> from offramp.models import rnn_classifier
+        >>> net = rnn_classifier(20, 2, layers=2)
+        >>> check_applies("local", net, torch.tensor([[3, 4, 0]]))
+        Traceback (most recent call last):
+        ...
+        offramp.errors.ConfigError: strategy 'local' reads every h_i as one fixed-size tensor, ...
+    """
+    if name not in FIXED_FEATURE_STRATEGIES:
+        return
+    others = ", ".join(s for s in STRATEGIES if s not in FIXED_FEATURE_STRATEGIES)
+    if name == "ib" and not example_input.is_floating_point():
+        raise ConfigError(
+            f"strategy 'ib' compares the inputs with each h_i through a Gaussian kernel; "
+            f"{example_input.dtype} inputs (token ids) have no such distance: use one of "
+            f"{others}"
+        )
+    outs = block_outputs(list(net.blocks[:-1]), example_input[:2])
+    if any(isinstance(h, tuple) for h in outs):
+        raise ConfigError(
+            f"strategy {name!r} reads every h_i as one fixed-size tensor, but this network's "
+            "blocks pass token features with a padding mask (h, mask) between them: train it "
+            f"with one of {others}"
+        )
+
+
 def prepare_strategy(
     name: str, net: MultiExitNetwork, example_input: Tensor, options: dict[str, Any]
 ) -> object | None:
@@ -220,6 +259,7 @@ def prepare_strategy(
     strategy built (:func:`make_strategy`, pass it to :func:`train` as ``strategy``), or
     ``None`` for a strategy of :data:`MULTI_FIT` once :func:`check_fit_options` passed."""
     if name in MULTI_FIT:
+        check_applies(name, net, example_input)
         check_fit_options(name, options)
         return None
     return make_strategy(name, net, example_input, **options)
@@ -241,6 +281,7 @@ def make_strategy(
         'GatedTraining'
     """
     opts = coerce_options(name, options)
+    check_applies(name, net, example_input)
     sched = make_schedule(opts.pop("schedule", "constant"), opts.pop("schedule_value", None))
     if name == "joint":
         return JointTraining(sched)
@@ -319,6 +360,7 @@ def train(
         return fit(net, data, cfg, strategy=strategy, val=val, callbacks=callbacks)  # type: ignore[arg-type]
     opts = coerce_options(strategy, dict(options or {}))
     if strategy in MULTI_FIT:
+        check_applies(strategy, net, data[0][:2])
         check_fit_options(strategy, opts)
     if strategy in ("layerwise", "ib"):
         from offramp.training.layerwise import fit_layerwise
