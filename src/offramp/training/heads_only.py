@@ -196,7 +196,22 @@ def fit_backbone_then_heads(
         return history
     x, y = data
     rank = world_info()[0]
+    if x.shape[0] == 0:
+        raise ConfigError("nothing to train the heads on: the training data is empty")
     layouts = _layouts(net, x)
+    if any(lay is not None for lay in layouts):
+        if sklearn is not None:
+            raise ConfigError(
+                "scikit-learn heads read fixed-size features, but this network's exits "
+                "see token features with a padding mask: train neural token heads "
+                "(sklearn=None)"
+            )
+        if val is not None and _layouts(net, val[0]) != layouts:
+            raise ConfigError(
+                "heads-only training caches token features and their padding mask at one "
+                f"length: the training inputs are {tuple(x.shape[1:])} per sample, the "
+                f"validation inputs {tuple(val[0].shape[1:])}; pad both to the same length"
+            )
     store = FeatureStore()
     try:
         kw = {
@@ -219,12 +234,6 @@ def fit_backbone_then_heads(
             else None
         )
         if sklearn is not None:
-            if any(lay is not None for lay in layouts):
-                raise ConfigError(
-                    "scikit-learn heads read fixed-size features, but this network's exits "
-                    "see token features with a padding mask: train neural token heads "
-                    "(sklearn=None)"
-                )
             t0 = time.perf_counter()
             accs = fit_sklearn_heads(net, feats, y, sklearn)
             for i, acc in enumerate(accs):
