@@ -90,6 +90,19 @@ def _calibrate(
     return cal, simulate(rec_test, cal.policy_)
 
 
+def _accuracy(sim: Any, rec: ExitRecord) -> float:
+    """Accuracy of a simulation's decisions on ``rec``'s labels."""
+    return float((sim.predictions == rec.labels.numpy()).mean())
+
+
+def _relative(cost_test: np.ndarray, exits: np.ndarray) -> float:
+    """FLOPs of leaving at ``exits`` over the backbone's; ``cost_test`` is ``(E,)``, or
+    ``(N, E)`` when every sample has its own costs (text)."""
+    if cost_test.ndim == 1:
+        return float(cost_test[exits].mean() / cost_test[-1])
+    return float(cost_test[np.arange(len(exits)), exits].sum() / cost_test[:, -1].sum())
+
+
 def _text_batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     """``x`` in batches of ``size``, each cut to its own longest sentence."""
     out = []
@@ -127,17 +140,9 @@ def _row(
     mode: str,
 ) -> list[dict[str, Any]]:
     rows = []
-    backbone = (
-        cost_test[:, -1] if cost_test.ndim == 2 else np.full(len(rec_test.labels), cost_test[-1])
-    )
     for criterion in CRITERIA:
         cal, sim = _calibrate(rec_val, rec_test, cost_val, args, criterion)
-        spent = (
-            cost_test[np.arange(len(sim.exits)), sim.exits]
-            if cost_test.ndim == 2
-            else cost_test[sim.exits]
-        )
-        relative = float(spent.sum() / backbone.sum())
+        relative = _relative(cost_test, sim.exits)
         oracle = oracle_summary(rec_test, cost_test if cost_test.ndim == 1 else cost_test.mean(0))
         example = batches[0][:2]
         rt = EarlyExitRuntime(
@@ -156,7 +161,7 @@ def _row(
                 "policy": criterion,
                 "final_accuracy": final,
                 "plain_accuracy": plain_acc,
-                "early_exit_accuracy": float((sim.predictions == rec_test.labels.numpy()).mean()),
+                "early_exit_accuracy": _accuracy(sim, rec_test),
                 "oracle_accuracy": oracle["accuracy"],
                 "oracle_relative_cost": oracle["relative_cost"],
                 "relative_cost": relative,
@@ -215,6 +220,44 @@ def run_vit(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
 
 
+def _text_rows(
+    family: str,
+    dataset: str,
+    net: MultiExitNetwork,
+    plain_acc: float | None,
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    singles: int,
+    args: argparse.Namespace,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The max-prob and entropy rows of a text family (eager; every sentence costed at its
+    own length, batches of 64 and the first ``singles`` test sentences one at a time, each cut
+    to its longest sentence), and what a further policy's row needs: the records, the test
+    costs and the batches."""
+    xt = test[0]
+    rec_val, rec_test = ExitRecord.collect(net, val), ExitRecord.collect(net, test)
+    cost_val = per_sample_cumulative(net, val[0]).mean(0)
+    cost_test = per_sample_cumulative(net, xt)
+    batches, ones = _text_batches(xt, 64), _text_batches(xt[:singles], 1)
+    rows = _row(
+        family,
+        dataset,
+        net,
+        plain_acc,
+        rec_val,
+        rec_test,
+        cost_val,
+        cost_test,
+        xt,
+        batches,
+        ones,
+        args,
+        "eager",
+    )
+    run = {"rec_val": rec_val, "rec_test": rec_test, "cost_test": cost_test, "batches": batches}
+    return rows, {**run, "ones": ones}
+
+
 def run_rnn(args: argparse.Namespace, cell: str) -> list[dict[str, Any]]:
     root = dataset_root("trec")
     if root is None:
@@ -241,26 +284,7 @@ def run_rnn(args: argparse.Namespace, cell: str) -> list[dict[str, Any]]:
     net = _trained(build(), (xtr, ytr), cfg, False, ck / f"{tag}-exits.pt")
     plain = _trained(build(), (xtr, ytr), cfg, True, ck / f"{tag}-plain.pt")
     plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
-    rec_val, rec_test = ExitRecord.collect(net, (xv, yv)), ExitRecord.collect(net, (xt, yt))
-    cost_val = per_sample_cumulative(net, xv).mean(0)
-    cost_test = per_sample_cumulative(net, xt)
-    batches = _text_batches(xt, 64)
-    ones = _text_batches(xt[:300], 1)
-    return _row(
-        cell,
-        "trec",
-        net,
-        plain_acc,
-        rec_val,
-        rec_test,
-        cost_val,
-        cost_test,
-        xt,
-        batches,
-        ones,
-        args,
-        "eager",
-    )
+    return _text_rows(cell, "trec", net, plain_acc, (xv, yv), (xt, yt), 300, args)[0]
 
 
 def run_gcn(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
@@ -314,7 +338,7 @@ def run_gcn(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
                 "policy": criterion,
                 "final_accuracy": float(rec_test.exit_accuracy()[-1]),
                 "plain_accuracy": plain_acc,
-                "early_exit_accuracy": float((sim.predictions == rec_test.labels.numpy()).mean()),
+                "early_exit_accuracy": _accuracy(sim, rec_test),
                 "oracle_accuracy": oracle_summary(rec_test, per_exit)["accuracy"],
                 "oracle_relative_cost": None,
                 "relative_cost": r.flops / whole,
@@ -340,7 +364,7 @@ def _patience(rec_val: ExitRecord, rec_test: ExitRecord, target: float):
     for k in range(1, e):
         policy = PatiencePolicy(e, k)
         sim = simulate(rec_val, policy)
-        if float((sim.predictions == rec_val.labels.numpy()).mean()) >= final - target / 100:
+        if _accuracy(sim, rec_val) >= final - target / 100:
             return policy, simulate(rec_test, policy)
     policy = PatiencePolicy(e, e)
     return policy, simulate(rec_test, policy)
@@ -397,37 +421,17 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.sst2_plain:
         plain = _trained(build(), (x, y), cfg, True, ck / f"{tag}-plain.pt")
         plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
-    rec_val, rec_test = ExitRecord.collect(net, (xv, yv)), ExitRecord.collect(net, (xt, yt))
-    cost_val = per_sample_cumulative(net, xv).mean(0)
-    cost_test = per_sample_cumulative(net, xt)
-    batches = _text_batches(xt, 64)
-    ones = _text_batches(xt[:200], 1)
-    rows = _row(
-        "minilm",
-        "sst2",
-        net,
-        plain_acc,
-        rec_val,
-        rec_test,
-        cost_val,
-        cost_test,
-        xt,
-        batches,
-        ones,
-        args,
-        "eager",
-    )
-    policy, sim = _patience(rec_val, rec_test, args.target)
-    spent = cost_test[np.arange(len(sim.exits)), sim.exits]
-    relative = float(spent.sum() / cost_test[:, -1].sum())
+    rows, run = _text_rows("minilm", "sst2", net, plain_acc, (xv, yv), (xt, yt), 200, args)
+    policy, sim = _patience(run["rec_val"], run["rec_test"], args.target)
+    relative = _relative(run["cost_test"], sim.exits)
     rt = EarlyExitRuntime(net, policy)
     agree = float((rt(xt).exits.numpy() == sim.exits).mean())
-    b1, bb = _speedups(rt, batches, ones, args.repeats)
+    b1, bb = _speedups(rt, run["batches"], run["ones"], args.repeats)
     rows.append(
         {
             **rows[0],
             "policy": f"patience {policy.patience}",
-            "early_exit_accuracy": float((sim.predictions == rec_test.labels.numpy()).mean()),
+            "early_exit_accuracy": _accuracy(sim, run["rec_test"]),
             "relative_cost": relative,
             "flops_speedup": 1 / relative,
             "speedup_batch1": b1,
