@@ -45,9 +45,9 @@ def with_candidate_exits(
     """A network sharing ``net``'s blocks and final head, with a fresh head after every
     candidate block.
 
-    Token features (a block ending in a transformer or recurrent layer, or carrying a
-    padding mask) get token heads: ``"pool"`` means the mean over real tokens there, as in
-    :func:`offramp.attach_exits`.
+    Token features (``(B, T, D)`` from a block holding a transformer or recurrent layer, or
+    features carrying a padding mask) get token heads: ``"pool"`` means the mean over real
+    tokens there, as in :func:`offramp.attach_exits`.
 
     Args:
         net: the backbone (its early heads, if any, are not used).
