@@ -113,15 +113,33 @@ def _text_batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 def _speedups(
-    rt: EarlyExitRuntime, batches: list[torch.Tensor], ones: list[torch.Tensor], repeats: int
-) -> tuple[float, float]:
-    """(batch 1, batched) wall-clock speedup of ``rt`` over its plain backbone, side by side."""
+    rt: EarlyExitRuntime, sizes: list[list[torch.Tensor]], ones: list[torch.Tensor], repeats: int
+) -> dict[str, Any]:
+    """Wall-clock speedups of ``rt`` over its plain backbone, side by side: at batch 1 (the
+    batch-1 path, ``run_one``), per call at each batch size of ``sizes`` (one list of batches
+    per size), and pooled (``rt.map``, bulk inference) over the largest size's batches."""
     plain = rt.plain_backbone()
     rt.validate = False
+    out: dict[str, Any] = {"per_call": {}}
     with torch.no_grad():
-        big = time_over_batches({"plain": plain, "ee": rt}, batches, repeats=repeats)
         one = time_over_batches({"plain": plain, "ee": rt.run_one}, ones, repeats=repeats)
-    return paired_ratio(one["plain"], one["ee"]), paired_ratio(big["plain"], big["ee"])
+        out["batch1"] = paired_ratio(one["plain"], one["ee"])
+        for batches in sizes:
+            t = time_over_batches({"plain": plain, "ee": rt}, batches, repeats=repeats)
+            out["per_call"][int(batches[0].shape[0])] = paired_ratio(t["plain"], t["ee"])
+        largest = sizes[-1]
+
+        def every(_: object) -> None:
+            for b in largest:
+                plain(b)
+
+        def pooled(_: object) -> None:
+            for _r in rt.map(largest):
+                pass
+
+        t = time_over_batches({"plain": every, "ee": pooled}, [None], repeats=repeats)
+        out["pooled"] = paired_ratio(t["plain"], t["ee"])
+    return out
 
 
 def _row(
@@ -134,7 +152,7 @@ def _row(
     cost_val: np.ndarray,
     cost_test: np.ndarray,
     x_test: torch.Tensor,
-    batches: list[torch.Tensor],
+    sizes: list[list[torch.Tensor]],
     ones: list[torch.Tensor],
     args: argparse.Namespace,
     mode: str,
@@ -144,12 +162,11 @@ def _row(
         cal, sim = _calibrate(rec_val, rec_test, cost_val, args, criterion)
         relative = _relative(cost_test, sim.exits)
         oracle = oracle_summary(rec_test, cost_test if cost_test.ndim == 1 else cost_test.mean(0))
-        example = batches[0][:2]
+        example = sizes[0][0][:2]
         rt = EarlyExitRuntime(
             net, cal.policy_, mode=mode, example_input=example if mode != "eager" else None
         )
         agree = float((rt(x_test).exits.numpy() == sim.exits).mean())  # text too
-        b1, bb = _speedups(rt, batches, ones, args.repeats)
         final = float(rec_test.exit_accuracy()[-1])
         rows.append(
             {
@@ -163,16 +180,41 @@ def _row(
                 "oracle_relative_cost": oracle["relative_cost"],
                 "relative_cost": relative,
                 "flops_speedup": 1.0 / relative,
-                "speedup_batch1": b1,
-                "speedup_batch": bb,
-                "batch_size": int(batches[0].shape[0]),
-                "speedup_vs_flops": bb * relative,
+                **_timed(rt, sizes, ones, args, cost_test, sim.exits),
                 "exit_fractions": np.bincount(sim.exits, minlength=net.num_exits).tolist(),
                 "runtime_matches_simulation": agree,
                 "mode": mode,
             }
         )
     return rows
+
+
+def _timed(
+    rt: EarlyExitRuntime,
+    sizes: list[list[torch.Tensor]],
+    ones: list[torch.Tensor],
+    args: argparse.Namespace,
+    cost_test: np.ndarray,
+    exits: np.ndarray,
+) -> dict[str, Any]:
+    """The speedup fields of a row: batch 1, the serving batch (the first size), every size
+    per call and pooled, each batched one also over the FLOPs-predicted speedup of the samples
+    it timed (the first ``m`` of the test set)."""
+    s = _speedups(rt, sizes, ones, args.repeats)
+    m = sum(b.shape[0] for b in sizes[-1])
+    timed = _relative(cost_test if cost_test.ndim == 1 else cost_test[:m], exits[:m])
+    first = int(sizes[0][0].shape[0])
+    return {
+        "speedup_batch1": s["batch1"],
+        "speedup_batch": s["per_call"][first],
+        "batch_size": first,
+        "speedup_vs_flops": s["per_call"][first] * timed,
+        "speedup_by_batch": {str(k): v for k, v in s["per_call"].items()},
+        "vs_flops_by_batch": {str(k): v * timed for k, v in s["per_call"].items()},
+        "speedup_pooled": s["pooled"],
+        "pooled_vs_flops": s["pooled"] * timed,
+        "timed_relative_cost": timed,
+    }
 
 
 def run_vit(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -198,7 +240,8 @@ def run_vit(args: argparse.Namespace) -> list[dict[str, Any]]:
     plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
     rec_val, rec_test = ExitRecord.collect(net, (xv, yv)), ExitRecord.collect(net, (xt, yt))
     cum = profile(net, xt[:1]).cumulative
-    batches = list(xt[: 256 * 8].split(256))
+    m = args.vit_timed  # the first m test images, in batches of every size
+    sizes = [list(xt[:m].split(b)) for b in _sizes(args.vit_batches)]
     ones = [xt[i : i + 1] for i in range(300)]
     return _row(
         "vit",
@@ -210,7 +253,7 @@ def run_vit(args: argparse.Namespace) -> list[dict[str, Any]]:
         cum,
         cum,
         xt,
-        batches,
+        sizes,
         ones,
         args,
         "script",
@@ -225,17 +268,19 @@ def _text_rows(
     val: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
     singles: int,
+    batch_sizes: str,
     args: argparse.Namespace,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The max-prob and entropy rows of a text family (eager; every sentence costed at its
-    own length, batches of 64 and the first ``singles`` test sentences one at a time, each cut
-    to its longest sentence), and what a further policy's row needs: the records, the test
-    costs and the batches."""
+    own length, the test set in batches of each of ``batch_sizes`` (comma-separated) and its
+    first ``singles`` sentences one at a time, each cut to its longest sentence), and what a
+    further policy's row needs: the records, the test costs and the batches."""
     xt = test[0]
     rec_val, rec_test = ExitRecord.collect(net, val), ExitRecord.collect(net, test)
     cost_val = per_sample_cumulative(net, val[0]).mean(0)
     cost_test = per_sample_cumulative(net, xt)
-    batches, ones = _text_batches(xt, 64), _text_batches(xt[:singles], 1)
+    sizes = [_text_batches(xt, b) for b in _sizes(batch_sizes)]
+    ones = _text_batches(xt[:singles], 1)
     rows = _row(
         family,
         dataset,
@@ -246,13 +291,18 @@ def _text_rows(
         cost_val,
         cost_test,
         xt,
-        batches,
+        sizes,
         ones,
         args,
         "eager",
     )
-    run = {"rec_val": rec_val, "rec_test": rec_test, "cost_test": cost_test, "batches": batches}
+    run = {"rec_val": rec_val, "rec_test": rec_test, "cost_test": cost_test, "sizes": sizes}
     return rows, {**run, "ones": ones}
+
+
+def _sizes(text: str) -> list[int]:
+    """Batch sizes from ``"64,256"``, smallest first (the first is the serving batch)."""
+    return sorted({int(v) for v in text.split(",")})
 
 
 def run_rnn(args: argparse.Namespace, cell: str) -> list[dict[str, Any]]:
@@ -281,7 +331,9 @@ def run_rnn(args: argparse.Namespace, cell: str) -> list[dict[str, Any]]:
     net = _trained(build(), (xtr, ytr), cfg, False, ck / f"{tag}-exits.pt")
     plain = _trained(build(), (xtr, ytr), cfg, True, ck / f"{tag}-plain.pt")
     plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
-    return _text_rows(cell, "trec", net, plain_acc, (xv, yv), (xt, yt), 300, args)[0]
+    return _text_rows(
+        cell, "trec", net, plain_acc, (xv, yv), (xt, yt), 300, args.text_batches, args
+    )[0]
 
 
 def run_gcn(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
@@ -304,14 +356,14 @@ def run_gcn(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
         (graph_logits(plain, g.x, adj)[-1, labelled].argmax(1) == g.y[labelled]).float().mean()
     )
     rows: list[dict[str, Any]] = []
-    whole = graph_flops(net, g.num_nodes, adj._nnz())
+    whole = graph_flops(net, g.num_nodes, adj._nnz(), heads=False)  # the plain backbone
     per_exit = np.arange(1.0, net.num_exits + 1)  # layers run: orders the exits for calibration
     never = GraphRuntime(net, ThresholdPolicy("max_prob", (math.inf,) * (net.num_exits - 1)))
     nodes = [labelled[i : i + 1] for i in range(0, len(labelled), 5)]  # 200 single-node queries
 
     def whole_graph(_: object) -> None:
         with torch.no_grad():
-            net(g.x, adj)
+            net.final(g.x, adj)
 
     for criterion in CRITERIA:
         cal, sim = _calibrate(rec_val, rec_test, per_exit, args, criterion)
@@ -344,6 +396,11 @@ def run_gcn(args: argparse.Namespace, name: str) -> list[dict[str, Any]]:
                 "speedup_batch": bb,
                 "batch_size": len(labelled),
                 "speedup_vs_flops": bb * r.flops / whole,
+                "speedup_by_batch": {str(len(labelled)): bb},
+                "vs_flops_by_batch": {str(len(labelled)): bb * r.flops / whole},
+                "speedup_pooled": None,
+                "pooled_vs_flops": None,
+                "timed_relative_cost": r.flops / whole,
                 "exit_fractions": np.bincount(r.exits.numpy(), minlength=net.num_exits).tolist(),
                 "runtime_matches_simulation": float((r.exits.numpy() == sim.exits).mean()),
                 "mode": "eager",
@@ -418,12 +475,13 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.sst2_plain:
         plain = _trained(build(), (x, y), cfg, True, ck / f"{tag}-plain.pt")
         plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
-    rows, run = _text_rows("minilm", "sst2", net, plain_acc, (xv, yv), (xt, yt), 200, args)
+    rows, run = _text_rows(
+        "minilm", "sst2", net, plain_acc, (xv, yv), (xt, yt), 200, args.sst2_batches, args
+    )
     policy, sim = _patience(run["rec_val"], run["rec_test"], args.target)
     relative = _relative(run["cost_test"], sim.exits)
     rt = EarlyExitRuntime(net, policy)
     agree = float((rt(xt).exits.numpy() == sim.exits).mean())
-    b1, bb = _speedups(rt, run["batches"], run["ones"], args.repeats)
     rows.append(
         {
             **rows[0],
@@ -431,14 +489,17 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
             "early_exit_accuracy": _accuracy(sim, run["rec_test"]),
             "relative_cost": relative,
             "flops_speedup": 1 / relative,
-            "speedup_batch1": b1,
-            "speedup_batch": bb,
-            "speedup_vs_flops": bb * relative,
+            **_timed(rt, run["sizes"], run["ones"], args, run["cost_test"], sim.exits),
             "exit_fractions": np.bincount(sim.exits, minlength=net.num_exits).tolist(),
             "runtime_matches_simulation": agree,
         }
     )
     return rows
+
+
+def _by_batch(row: dict[str, Any]) -> str:
+    """``"256: 0.77, 1024: 0.92"`` — each batch size's per-call speedup over the FLOPs one."""
+    return ", ".join(f"{k}: {v:.2f}" for k, v in row["vs_flops_by_batch"].items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,6 +516,14 @@ def main(argv: list[str] | None = None) -> int:
         help="calibrate for the target with this one-sided confidence (e.g. 0.9), not on average",
     )
     p.add_argument("--vit-epochs", type=int, default=6)
+    p.add_argument(
+        "--vit-batches", default="256,1024", help="ViT batch sizes timed (the first: serving)"
+    )
+    p.add_argument("--vit-timed", type=int, default=4096, help="ViT test images timed batched")
+    p.add_argument(
+        "--text-batches", default="64,256", help="GRU/LSTM batch sizes timed (the first: serving)"
+    )
+    p.add_argument("--sst2-batches", default="64", help="MiniLM batch sizes timed")
     p.add_argument("--rnn-epochs", type=int, default=10)
     p.add_argument(
         "--rnn-embed",
@@ -504,8 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_batch",
         "batch_size",
         "speedup_vs_flops",
+        "speedup_pooled",
+        "pooled_vs_flops",
     ]
-    print(format_table(keys, [[fmt(r[k]) for k in keys] for r in rows]))
+    table = [[fmt(r[k]) for k in keys] + [_by_batch(r)] for r in rows]
+    print(format_table([*keys, "per call ÷ FLOPs by batch"], table))
     seconds = time.perf_counter() - t0
     print(f"\n{seconds:.0f} s")
     if args.json:

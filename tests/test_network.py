@@ -114,9 +114,15 @@ def test_input_dtype_is_the_parameters_dtype_unless_the_network_takes_indices(cn
     assert input_dtype(net) == torch.float64
     with pytest.raises(ShapeError, match=r"x\.double\(\)"):
         check_input(torch.ones(1, 2), None, dtype=input_dtype(net))
-    # token ids go into an embedding: integer input is right, nothing to check
+    # token ids go into an embedding: any integer input is right, floats are refused clearly
     emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten())
-    assert input_dtype(MultiExitNetwork([emb], {0: nn.Linear(8, 2)})) is None
+    ids = input_dtype(MultiExitNetwork([emb], {0: nn.Linear(8, 2)}))
+    assert ids == torch.long
+    for ok in (torch.int64, torch.int32, torch.uint8):
+        check_input(torch.ones(1, 2, dtype=ok), None, dtype=ids)
+    for bad in (torch.float32, torch.bool):
+        with pytest.raises(ShapeError, match=r"integer indices.*x\.long\(\)"):
+            check_input(torch.ones(1, 2, dtype=bad), None, dtype=ids)
     assert input_dtype(MultiExitNetwork([nn.Flatten()], {0: nn.Flatten()})) is None
 
 

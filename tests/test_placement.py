@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offramp.errors import ConfigError
+from offramp.errors import ConfigError, ShapeError
 from offramp.evaluation import ExitRecord
 from offramp.placement import (
     RULES,
@@ -360,7 +360,11 @@ def test_candidates_on_token_models_get_token_heads_and_train():
         with_candidate_exits(text)
     x = padded_ids(48)
     y = x[:, 0] % 3
-    cand = with_candidate_exits(text, example=x[:2])
+    with pytest.raises(ShapeError, match="x.long"):
+        with_candidate_exits(text, example=x[:2].float())  # ids as floats: the clear error
+    with pytest.raises(ConfigError, match="empty batch"):
+        with_candidate_exits(text, example=x[:0])
+    cand = with_candidate_exits(text, example=x)  # a whole batch is fine: two samples are used
     assert cand.trim_padding and isinstance(cand.heads[0][0], TokenPool)
     before = [h[-1].weight.clone() for h in cand.heads[:-1]]
     with torch.no_grad():

@@ -133,3 +133,31 @@ def test_adjacency_ignores_given_self_loops_and_repeated_edges():
     clean = gcn_adjacency(torch.tensor([[0, 1], [1, 0]]), 3).to_dense()
     messy = gcn_adjacency(torch.tensor([[0, 1, 0, 2], [1, 0, 1, 2]]), 3).to_dense()
     assert torch.equal(clean, messy)
+
+
+def test_the_plain_backbone_is_the_final_exit_at_the_flops_without_heads():
+    x, edge_index, _ = random_graph(seed=2)
+    adj = gcn_adjacency(edge_index, x.shape[0])
+    net = gcn(x.shape[1], 4, hidden=(8, 8), seed=0).eval()
+    with FlopCounterMode(display=False, custom_mapping=FORMULAS) as counter:
+        out = net.final(x, adj)
+    assert torch.equal(out, net(x, adj)[-1])
+    assert counter.get_total_flops() == graph_flops(net, 60, adj._nnz(), heads=False)
+    heads = 2 * 60 * 8 * 4 * 2  # two early heads (8 -> 4) on 60 nodes
+    assert graph_flops(net, 60, adj._nnz()) - graph_flops(net, 60, adj._nnz(), heads=False) == heads
+
+
+def test_an_adjacency_with_empty_rows_gives_the_whole_graph_decisions():
+    x, edge_index, _ = random_graph(seed=4)
+    full = gcn_adjacency(edge_index, x.shape[0])
+    idx, val = full.indices(), full.values()
+    keep = ~torch.isin(idx[0], torch.tensor([0, 7, 59]))  # rows 0, 7 and 59 read nothing
+    adj = torch.sparse_coo_tensor(idx[:, keep], val[keep], full.shape).coalesce()
+    net = gcn(x.shape[1], 4, hidden=(8, 8), seed=3)
+    logits = graph_logits(net, x, adj)
+    targets = torch.tensor([0, 7, 59, 3, 12])
+    policy = ThresholdPolicy("max_prob", thresholds_at_median(logits[:, targets]))
+    sim = decide_from_logits(policy, logits[:, targets])
+    r = GraphRuntime(net, policy)(x, adj, targets)
+    assert r.exits.tolist() == sim.tolist() and max(r.rows) < 60
+    torch.testing.assert_close(r.logits, logits[sim, targets], rtol=0, atol=1e-5)

@@ -518,6 +518,21 @@ def test_heads_only_packs_token_activations_exactly():
     assert _pack(h) is h  # plain features stay as they are
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_heads_only_packs_large_integer_side_inputs_exactly_in_narrow_floats(dtype):
+    from offramp.training.heads_only import _pack, _Unpack
+
+    h = torch.randn(2, 3, 4).to(dtype)
+    pad = torch.tensor([[False, False, True], [False] * 3])
+    ids = torch.tensor([[2049, 30001, 0], [257, 4097, 65535]])  # not exact in float16/bfloat16
+    packed = _pack((h, pad, ids))
+    assert packed.dtype == torch.float32
+    back = _Unpack([((3, 4), dtype), ((3,), torch.bool), ((3,), torch.long)])(packed)
+    assert back[0].dtype == dtype and torch.equal(back[0], h)
+    assert torch.equal(back[1], pad) and torch.equal(back[2], ids)
+    assert _pack((h, pad)).dtype == dtype  # a mask alone is exact in any float
+
+
 def test_heads_only_on_a_text_network_trains_token_heads_on_their_cached_features():
     from offramp.models import rnn_classifier
 

@@ -144,8 +144,9 @@ def input_dtype(net: nn.Module) -> torch.dtype | None:
     """The dtype ``net`` computes in, which its input batches must have: that of its first
     floating-point parameter (or buffer).
 
-    ``None`` (nothing to check) when it has none, or when its first block holds an
-    ``nn.Embedding`` / ``nn.EmbeddingBag``: such a network takes integer indices (token ids).
+    ``torch.long`` when its first block holds an ``nn.Embedding`` / ``nn.EmbeddingBag``: such a
+    network takes integer indices (token ids; :func:`check_input` accepts any integer dtype).
+    ``None`` (nothing to check) when it has no floating-point parameter.
 
     Example:
         >>> from torch import nn
@@ -154,7 +155,7 @@ def input_dtype(net: nn.Module) -> torch.dtype | None:
     """
     first = net.blocks[0] if isinstance(net, MultiExitNetwork) else net
     if any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in first.modules()):
-        return None
+        return torch.long
     for t in (*net.parameters(), *net.buffers()):
         if t.is_floating_point():
             return t.dtype
@@ -186,8 +187,8 @@ def check_input(
         input_shape: the per-sample shape the network expects (``None`` in a dimension of any
             size, such as a sequence length), or ``None`` to skip the check.
         finite: also reject NaN and infinite values (one host sync per batch).
-        dtype: the dtype the network expects (:func:`input_dtype`), or ``None`` to skip the
-            check.
+        dtype: the dtype the network expects (:func:`input_dtype`; an integer dtype accepts
+            any integer batch), or ``None`` to skip the check.
     """
     if not isinstance(x, Tensor):
         raise ShapeError(f"expected a torch.Tensor input, got {type(x).__name__}")
@@ -199,7 +200,13 @@ def check_input(
         elif x.dim() == len(input_shape):
             hint = "; the batch dimension may be missing (x.unsqueeze(0) or x.unsqueeze(1))"
         raise ShapeError(f"expected input of shape {want}, got {tuple(x.shape)}{hint}")
-    if dtype is not None and x.dtype != dtype:
+    if dtype is not None and not (dtype.is_floating_point or dtype == torch.bool):  # indices
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise ShapeError(
+                f"expected integer indices (token ids: the network embeds its input), got "
+                f"{x.dtype} (batch of shape {tuple(x.shape)}): convert the batch with x.long()"
+            )
+    elif dtype is not None and x.dtype != dtype:
         fix = _CASTS.get(dtype, f"x.to({dtype})")
         if x.dtype == torch.uint8 and dtype.is_floating_point:
             fix += " / 255 (8-bit pixel values: scale them as the training data was)"

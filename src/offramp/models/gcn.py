@@ -99,6 +99,22 @@ class GraphNetwork(nn.Module):
 
     def forward(self, x: Tensor, adj: Tensor) -> ExitOutputs:
         """Every exit's logits for every node, ``(N, C)`` each, over the whole graph."""
+        return ExitOutputs(tuple(self._layers(x, adj, heads=True)))
+
+    def final(self, x: Tensor, adj: Tensor) -> Tensor:
+        """The final exit's logits ``(N, C)`` alone: the plain backbone, no early heads run.
+
+        Example:
+            >>> import torch
+            >>> from offramp.data.graphs import gcn_adjacency
+            >>> net = gcn(4, 3, seed=0).eval()
+            >>> x, adj = torch.randn(3, 4), gcn_adjacency(torch.tensor([[0, 1], [1, 0]]), 3)
+            >>> torch.equal(net.final(x, adj), net(x, adj)[-1])
+            True
+        """
+        return self._layers(x, adj, heads=False)[-1]
+
+    def _layers(self, x: Tensor, adj: Tensor, *, heads: bool) -> list[Tensor]:
         if x.dim() != 2 or x.shape[1] != self.dims[0] or adj.shape != (x.shape[0],) * 2:
             raise ShapeError(
                 f"expected node features (N, {self.dims[0]}) and an (N, N) adjacency, got "
@@ -108,10 +124,10 @@ class GraphNetwork(nn.Module):
         h = x
         for layer in range(self.num_layers):
             h = self.combine(layer, torch.sparse.mm(adj, self.transform(layer, h)))
-            if layer in self.exit_layers[:-1]:
+            if heads and layer in self.exit_layers[:-1]:
                 outs.append(self.head(self.exit_layers.index(layer), h))
         outs.append(h)
-        return ExitOutputs(tuple(outs))
+        return outs
 
 
 def gcn(

@@ -21,7 +21,13 @@ from offramp.convert import SEQUENCE_MODULES
 from offramp.costs import COSTS, profile
 from offramp.errors import ConfigError
 from offramp.heads import HeadFactory, head_for
-from offramp.network import MultiExitNetwork, block_outputs, evaluating
+from offramp.network import (
+    MultiExitNetwork,
+    block_outputs,
+    check_input,
+    evaluating,
+    input_dtype,
+)
 from offramp.placement.problem import Candidates
 
 __all__ = [
@@ -78,6 +84,11 @@ def with_candidate_exits(
             f"{n - 2} (or −{n} … −2); the last block ({n - 1}) always carries the final exit"
         )
     chosen = sorted({b % n for b in wanted})
+    if example is not None:
+        check_input(example, net.input_shape, dtype=input_dtype(net))
+        if example.shape[0] == 0:
+            raise ConfigError("example is an empty batch: pass example=x[:2]")
+        example = example[:2]  # sizing heads needs no more than two samples
     probe = example if example is not None else net.input_shape
     assert probe is not None
     outputs = block_outputs(list(net.blocks), probe)

@@ -58,11 +58,14 @@ def layer_flops(net: GraphNetwork, transformed: int, edges: int, layer: int) -> 
     return 2 * transformed * d_in * d_out + 2 * edges * d_out
 
 
-def graph_flops(net: GraphNetwork, nodes: int, edges: int) -> int:
-    """FLOPs of the whole-graph forward (every layer and every head on every node), with
-    ``edges`` entries in ``Â`` (self loops included) — the plain reference of a call."""
-    heads = sum(2 * nodes * net.dims[k + 1] * net.dims[-1] for k in net.exit_layers[:-1])
-    return sum(layer_flops(net, nodes, edges, k) for k in range(net.num_layers)) + heads
+def graph_flops(net: GraphNetwork, nodes: int, edges: int, *, heads: bool = True) -> int:
+    """FLOPs of the whole-graph forward with ``edges`` entries in ``Â`` (self loops included):
+    every layer and, with ``heads``, every early exit's head on every node (what ``net(x, adj)``
+    computes); without them, the plain backbone's (``net.final(x, adj)``)."""
+    total = sum(layer_flops(net, nodes, edges, k) for k in range(net.num_layers))
+    if heads:
+        total += sum(2 * nodes * net.dims[k + 1] * net.dims[-1] for k in net.exit_layers[:-1])
+    return total
 
 
 class GraphRuntime:

@@ -63,11 +63,16 @@ def _features(net: MultiExitNetwork) -> Callable[[Tensor], tuple[Tensor, ...]]:
 
 
 def _pack(h: Activation) -> Tensor:
-    """``h``, or every tensor of ``(h, *side)`` flattened per sample, cast to ``h``'s dtype
-    and put side by side: ``(B, Σ size)``, so the fit loop can batch it like features."""
+    """``h``, or every tensor of ``(h, *side)`` flattened per sample, cast to one float dtype
+    and put side by side: ``(B, Σ size)``, so the fit loop can batch it like features. The
+    dtype is ``h``'s, or float32 when ``h`` is narrower and a side input holds integers (which
+    float16 holds exactly only up to 2,048 and bfloat16 up to 256; masks are exact in any)."""
     if not isinstance(h, tuple):
         return h
     dtype = features(h).dtype
+    counts = any(not (t.dtype.is_floating_point or t.dtype == torch.bool) for t in h[1:])
+    if counts and torch.finfo(dtype).bits < 32:
+        dtype = torch.float32
     return torch.cat([t.reshape(t.shape[0], -1).to(dtype) for t in h], dim=1)
 
 
@@ -84,7 +89,7 @@ class _Unpack(nn.Module):
         for shape, dtype in self.layout:
             size = math.prod(shape)
             t = packed[:, start : start + size].reshape(-1, *shape)  # (B, *shape)
-            out.append(t if dtype.is_floating_point else t.round().to(dtype))
+            out.append(t.to(dtype) if dtype.is_floating_point else t.round().to(dtype))
             start += size
         return tuple(out)
 
