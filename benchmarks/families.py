@@ -11,7 +11,10 @@ on a validation split for at most ``--target`` points of accuracy below the fina
 - ``speedup_batch1`` / ``speedup_batch``: wall-clock of the plain backbone over the early-exit
   runtime, timed side by side (``offramp.timing``), at batch 1 and a serving batch; text batches
   are padded to their own longest sentence for both sides;
-- ``speedup_vs_flops``: the batched speedup over the FLOPs-predicted one (``flops_speedup``).
+- ``speedup_vs_flops``: the batched speedup over the FLOPs-predicted one (``flops_speedup``);
+- ``speedup_by_batch`` / ``vs_flops_by_batch``: per-call speedups at every timed batch size
+  (``--text-batches``, ``--vit-batches``, ``--sst2-batches``; the first is ``speedup_batch``),
+  and ``speedup_pooled`` / ``pooled_vs_flops``: bulk inference (``rt.map``) at the largest.
 
 Graphs (GCN on Cora, Citeseer) decide per node: the plain side is the whole-graph forward, the
 early-exit side :class:`~offramp.runtime.graph.GraphRuntime` on the test nodes (each layer on

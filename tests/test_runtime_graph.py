@@ -152,7 +152,8 @@ def test_an_adjacency_with_empty_rows_gives_the_whole_graph_decisions():
     full = gcn_adjacency(edge_index, x.shape[0])
     idx, val = full.indices(), full.values()
     keep = ~torch.isin(idx[0], torch.tensor([0, 7, 59]))  # rows 0, 7 and 59 read nothing
-    adj = torch.sparse_coo_tensor(idx[:, keep], val[keep], full.shape).coalesce()
+    adj = torch.sparse_coo_tensor(idx[:, keep], val[keep], full.shape, check_invariants=True)
+    adj = adj.coalesce()
     net = gcn(x.shape[1], 4, hidden=(8, 8), seed=3)
     logits = graph_logits(net, x, adj)
     targets = torch.tensor([0, 7, 59, 3, 12])

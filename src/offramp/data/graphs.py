@@ -67,6 +67,29 @@ def gcn_adjacency(edge_index: Tensor, n: int) -> Tensor:
     return torch.sparse_coo_tensor(idx, val, (n, n), check_invariants=True).coalesce()
 
 
+def _dense_from_csr(
+    p: Path, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n: int, f: int
+) -> Tensor:
+    """The ``(n, f)`` float32 matrix of CSR parts read from a file, checked first (a crafted
+    file must not index out of bounds: torch's sparse tensors skip that check by default)."""
+    nnz = len(indices)
+    if (
+        n < 0
+        or f < 0
+        or indptr.shape != (n + 1,)
+        or len(data) != nnz
+        or indptr[0] != 0
+        or indptr[-1] != nnz
+        or (np.diff(indptr) < 0).any()
+        or (nnz and not 0 <= int(indices.min()) <= int(indices.max()) < f)
+    ):
+        raise DataError(f"{p}: the feature matrix's CSR parts do not describe a {n}×{f} matrix")
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    x = np.zeros((n, f), dtype=np.float32)
+    np.add.at(x, (rows, indices), data)  # repeated entries add up, as in a sparse matrix
+    return torch.from_numpy(x)
+
+
 def load_planetoid(path: str | Path) -> Graph:
     """A Planetoid graph from its ``.npz`` archive (``cora.npz``, ``citeseer.npz``: features as
     CSR parts, ``edge_index``, ``y``, ``train_idx`` / ``val_idx`` / ``test_idx``).
@@ -83,19 +106,27 @@ def load_planetoid(path: str | Path) -> Graph:
         if missing:
             raise DataError(f"{p} lacks the arrays {missing}")
         n, f = (int(v) for v in d["x_shape"])
-        x = torch.sparse_csr_tensor(
-            torch.from_numpy(d["x_indptr"].astype(np.int64)),
-            torch.from_numpy(d["x_indices"].astype(np.int64)),
-            torch.from_numpy(d["x_data"].astype(np.float32)),
-            (n, f),
-        ).to_dense()
+        x = _dense_from_csr(
+            p, d["x_indptr"].astype(np.int64), d["x_indices"].astype(np.int64), d["x_data"], n, f
+        )
         rows = x.sum(dim=1, keepdim=True)  # (N, 1)
         x = x / rows.clamp_min(1e-12)
-        return Graph(
-            x=x,
-            edge_index=torch.from_numpy(d["edge_index"].astype(np.int64)),
-            y=torch.from_numpy(d["y"].astype(np.int64)),
-            train=torch.from_numpy(d["train_idx"].astype(np.int64)),
-            val=torch.from_numpy(d["val_idx"].astype(np.int64)),
-            test=torch.from_numpy(d["test_idx"].astype(np.int64)),
-        )
+        arrays = {k: d[k].astype(np.int64) for k in ("edge_index", "y", *_SPLITS)}
+    _check_nodes(p, arrays, n)
+    t = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    return Graph(x, t["edge_index"], t["y"], t["train_idx"], t["val_idx"], t["test_idx"])
+
+
+_SPLITS = ("train_idx", "val_idx", "test_idx")
+
+
+def _check_nodes(p: Path, a: dict[str, np.ndarray], n: int) -> None:
+    """Refuse edges, labels and splits that do not fit ``n`` nodes, naming the array."""
+    e = a["edge_index"]
+    if e.ndim != 2 or e.shape[0] != 2 or (e.size and not 0 <= e.min() <= e.max() < n):
+        raise DataError(f"{p}: edge_index must be (2, E) node indices 0 … {n - 1}")
+    if a["y"].shape != (n,):
+        raise DataError(f"{p}: y holds {a['y'].shape} labels for {n} nodes")
+    for k in _SPLITS:
+        if a[k].ndim != 1 or (a[k].size and not 0 <= a[k].min() <= a[k].max() < n):
+            raise DataError(f"{p}: {k} must list node indices 0 … {n - 1}")
