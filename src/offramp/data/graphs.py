@@ -67,6 +67,9 @@ def gcn_adjacency(edge_index: Tensor, n: int) -> Tensor:
     return torch.sparse_coo_tensor(idx, val, (n, n), check_invariants=True).coalesce()
 
 
+_SPLITS = ("train_idx", "val_idx", "test_idx")
+
+
 def _dense_from_csr(
     p: Path, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n: int, f: int
 ) -> Tensor:
@@ -102,7 +105,7 @@ def load_planetoid(path: str | Path) -> Graph:
         raise DataError(f"{p} not found: point load_planetoid at cora.npz or citeseer.npz")
     with np.load(p, allow_pickle=False) as d:
         need = ("x_indptr", "x_indices", "x_data", "x_shape", "edge_index", "y")
-        missing = [k for k in (*need, "train_idx", "val_idx", "test_idx") if k not in d.files]
+        missing = [k for k in (*need, *_SPLITS) if k not in d.files]
         if missing:
             raise DataError(f"{p} lacks the arrays {missing}")
         n, f = (int(v) for v in d["x_shape"])
@@ -115,9 +118,6 @@ def load_planetoid(path: str | Path) -> Graph:
     _check_nodes(p, arrays, n)
     t = {k: torch.from_numpy(v) for k, v in arrays.items()}
     return Graph(x, t["edge_index"], t["y"], t["train_idx"], t["val_idx"], t["test_idx"])
-
-
-_SPLITS = ("train_idx", "val_idx", "test_idx")
 
 
 def _check_nodes(p: Path, a: dict[str, np.ndarray], n: int) -> None:

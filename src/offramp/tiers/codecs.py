@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,7 +60,6 @@ _WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in _WIRE_DTYPES.items()}
 _FP16_MAX = float(torch.finfo(torch.float16).max)
-_ZERO = torch.zeros(1)
 
 
 @dataclass(frozen=True)
@@ -132,26 +130,24 @@ def encode(t: Tensor, codec: str = "fp32", *, axis: int = 1) -> Encoded:
                 "become infinite; use fp32 or int8"
             )
         return Encoded(codec, dtype, shape, _bytes(t.half()))
-    x = t.float()
     if codec == "int8":
-        lo, hi = (x.amin().reshape(1), x.amax().reshape(1)) if x.numel() else (_ZERO, _ZERO)
-        scale, zp = affine_int8(lo, hi)  # (1,) each
-        q = _quantize(x, scale, zp)
-        return Encoded(codec, dtype, shape, _bytes(q), _bytes(scale), _bytes(zp))
-    if not -t.dim() <= axis < t.dim():
+        axis, count, rest = -1, 1, list(range(t.dim()))  # one scale for every value
+    elif not -t.dim() <= axis < t.dim():
         raise ConfigError(f"int8-channel axis {axis} is out of range for shape {shape}")
-    axis %= t.dim()
-    rest = [d for d in range(t.dim()) if d != axis]
-    if x.numel() == 0:
-        lo = hi = torch.zeros(shape[axis])  # (C,)
     else:
-        lo = x.amin(dim=rest) if rest else x  # (C,)
-        hi = x.amax(dim=rest) if rest else x
-    scale, zp = affine_int8(lo, hi)  # (C,) each
-    view = [1] * t.dim()
-    view[axis] = -1  # (C,) -> broadcast along the channel axis
-    q = _quantize(x, scale.reshape(view), zp.reshape(view))
-    return Encoded(codec, dtype, shape, _bytes(q), _bytes(scale), _bytes(zp), axis)
+        axis %= t.dim()
+        count, rest = shape[axis], [d for d in range(t.dim()) if d != axis]
+    x = t.float()
+    if x.numel() == 0:
+        lo = hi = torch.zeros(count)
+    elif not rest:  # a 0-d tensor, or a 1-d one with a scale per value
+        lo = hi = x.reshape(count)
+    else:  # (count,) each
+        lo, hi = x.amin(dim=rest).reshape(count), x.amax(dim=rest).reshape(count)
+    scale, zp = affine_int8(lo, hi)
+    view = _channel_view(len(shape), axis, count)
+    q = (torch.round(x / scale.reshape(view)) + zp.reshape(view)).clamp(-128, 127)
+    return Encoded(codec, dtype, shape, _bytes(q.to(torch.int8)), _bytes(scale), _bytes(zp), axis)
 
 
 def affine_int8(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -169,8 +165,12 @@ def affine_int8(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return scale, zp
 
 
-def _quantize(x: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
-    return (torch.round(x / scale) + zp).clamp(-128, 127).to(torch.int8)
+def _channel_view(ndim: int, axis: int, count: int) -> list[int]:
+    """The shape broadcasting ``count`` parameters along ``axis`` (every axis for ``-1``)."""
+    view = [1] * ndim
+    if axis >= 0:
+        view[axis] = count  # (C,) -> (1, …, C, …, 1)
+    return view
 
 
 def decode(e: Encoded) -> Tensor:
@@ -192,16 +192,14 @@ def decode(e: Encoded) -> Tensor:
     if e.codec in ("raw", "fp32", "fp16"):
         return values.to(dtype)
     if e.codec == "int8":
-        scale = _tensor(e.scale, torch.float32, 1, "scale")
-        zp = _tensor(e.zero_point, torch.int32, 1, "zero_point")
-        return ((values.float() - zp.float()) * scale).to(dtype)
-    if not 0 <= e.axis < len(e.shape):
+        count = 1
+    elif 0 <= e.axis < len(e.shape):
+        count = e.shape[e.axis]
+    else:
         raise DataError(f"channel axis {e.axis} is out of range for shape {e.shape}")
-    c = e.shape[e.axis]
-    view = [1] * len(e.shape)
-    view[e.axis] = c  # (C,) -> broadcast along the channel axis
-    scale = _tensor(e.scale, torch.float32, c, "scale").reshape(view)
-    zp = _tensor(e.zero_point, torch.int32, c, "zero_point").reshape(view)
+    view = _channel_view(len(e.shape), e.axis if e.codec == "int8-channel" else -1, count)
+    scale = _tensor(e.scale, torch.float32, count, "scale").reshape(view)
+    zp = _tensor(e.zero_point, torch.int32, count, "zero_point").reshape(view)
     return ((values.float() - zp.float()) * scale).to(dtype)
 
 
@@ -227,10 +225,9 @@ def _tensor(data: bytes, dtype: torch.dtype, n: int, what: str) -> Tensor:
     size = torch.empty((), dtype=dtype).element_size()
     if len(data) != n * size:
         raise DataError(f"the {what} holds {len(data)} bytes, not {n} × {size}")
-    if n == 0:
+    if n == 0:  # frombuffer refuses an empty buffer
         return torch.empty(0, dtype=dtype)
-    arr = np.frombuffer(data, dtype=torch.empty((), dtype=dtype).numpy().dtype)
-    return torch.from_numpy(arr.copy())
+    return torch.frombuffer(bytearray(data), dtype=dtype)  # a writable copy
 
 
 def _check_finite(t: Tensor, codec: str) -> None:
