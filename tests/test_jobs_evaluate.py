@@ -272,3 +272,61 @@ def test_a_write_that_fails_keeps_the_previous_results(run_dir, tmp_path):
     assert len(lines) == 1 and "could not write" in lines[0] and "calibrate.json" in lines[0]
     assert (run_dir / "analysis" / "calibrate.json").read_bytes() == before
     assert not [p.name for p in (run_dir / "analysis").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_export_writes_a_bundle_that_decides_as_the_runtime(run_dir, tmp_path, capsys):
+    from offramp.export import load_bundle
+    from offramp.jobs.export import export_run
+
+    assert main(["calibrate", str(run_dir), "--target-drop", "1", "--confidence", "0.9"]) == 0
+    out = tmp_path / "bundle"
+    args = ["--format", "torchscript", "--split", "1", "--policy", "learned"]
+    assert main(["export", str(run_dir), *args, "--output", str(out), "--codec", "int8"]) == 0
+    text = capsys.readouterr().out
+    assert "policy learned" in text and "segment-1.pt: stages 1…" in text
+    bundle = load_bundle(out)
+    m = bundle.manifest
+    assert m["codec"] == "int8" and m["source"]["goal"]["confidence"] == 0.9
+    assert m["splits"] == [1] and m["policy"]["criterion"] == "learned"
+    x = load_datasets(load_config(run_dir / "config.json")).test[0]
+    run = load_run(run_dir)
+    policy = next(
+        c.policy
+        for c in calibrate_policies(run.val, run.cumulative, delta=0.01, confidence=0.9)
+        if c.name == "learned"
+    )
+    assert torch.equal(
+        bundle.run(x)[1], EarlyExitRuntime(load_model(run_dir / "model.pt"), policy)(x).exits
+    )
+    # the default policy is the cheapest on validation; the default output is in the run
+    r = export_run(run_dir, fmt="torchscript")
+    report = json.loads((run_dir / "analysis" / "calibrate.json").read_text())
+    cheapest = min(report["policies"], key=lambda p: p["val_relative_cost"])["policy"]
+    assert r["source"]["policy"] == cheapest
+    assert r["manifest"] == str(run_dir / "export" / "torchscript" / "manifest.json")
+
+
+def test_export_refusals_are_one_line(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--policy", "nope", "--format", "torchscript"]) == 2
+    assert "no policy 'nope'" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--split", "a,b"]) == 2
+    assert "--split takes stage numbers" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--split", "7", "--format", "torchscript"]) == 2
+    assert "outside 1 …" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert main(["export", str(fresh)]) == 2
+    assert "calibrate first" in capsys.readouterr().err
+    # a report from before the network changed is refused
+    report = run_dir / "analysis" / "calibrate.json"
+    saved = report.read_text()
+    r = json.loads(saved)
+    for p in r["policies"]:
+        if "thresholds" in p["description"]:
+            p["description"]["thresholds"] = [0.123] * len(p["description"]["thresholds"])
+    report.write_text(json.dumps(r))
+    try:
+        assert main(["export", str(run_dir), "--policy", "entropy", "--format", "torchscript"]) == 2
+        assert "differs from" in capsys.readouterr().err
+    finally:
+        report.write_text(saved)

@@ -109,6 +109,30 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from offramp.jobs.export import export_run, format_export
+
+    r = export_run(
+        args.run_dir,
+        fmt=args.format,
+        splits=_ints(args.split),
+        policy=args.policy,
+        codec=args.codec,
+        output=args.output,
+    )
+    print(format_export(r))
+    return 0
+
+
+def _ints(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--split takes stage numbers separated by commas, got {text!r}") from exc
+
+
 def _run_dir_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a directory written by `offramp train`")
     p.add_argument("--cost", choices=["flops", "latency"], default="flops")
@@ -119,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     from offramp.jobs.demo import DemoConfig
     from offramp.policies import CRITERIA
     from offramp.runtime import MODES
+    from offramp.tiers import CODECS
 
     p = argparse.ArgumentParser(prog="offramp", description="Multi-exit neural networks.")
     p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
@@ -182,6 +207,22 @@ def _parser() -> argparse.ArgumentParser:
         help="with --target-drop: require it at this one-sided confidence on validation (0.95)",
     )
     cal.set_defaults(func=_calibrate)
+    exp = sub.add_parser(
+        "export",
+        help="a calibrated run as ONNX or TorchScript tier segments, with a manifest",
+    )
+    exp.add_argument("run_dir", help="a directory written by `offramp train` and calibrated")
+    exp.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    exp.add_argument(
+        "--split",
+        metavar="S[,S]",
+        help="stage(s) where the next tier starts, e.g. 1 (device: stage 0; server: the rest); "
+        "default: one segment",
+    )
+    exp.add_argument("--policy", help="a policy of analysis/calibrate.json (default: cheapest)")
+    exp.add_argument("--codec", choices=sorted(CODECS), default="fp32")
+    exp.add_argument("--output", metavar="DIR", help="default: RUN_DIR/export/FORMAT")
+    exp.set_defaults(func=_export)
     train = sub.add_parser(
         "train",
         help="train a multi-exit network as a YAML/JSON config describes (see configs/README.md)",

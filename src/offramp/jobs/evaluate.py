@@ -145,6 +145,8 @@ def calibrate_run(
         val, cum, delta=delta, budget=budget, confidence=confidence, feature_scorers=gates
     )
     result = {**info, **report_on_test(policies, test, cum, delta=delta, budget=budget)}
+    if confidence is not None:  # what `offramp export` needs to fit the same thresholds again
+        result["goal"]["confidence"] = confidence
     out = Path(run_dir) / "analysis"
     result["json"] = str(write_json(out / "calibrate.json", result))
     if plot:

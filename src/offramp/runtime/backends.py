@@ -13,6 +13,9 @@ ONNX Runtime session per stage, say) is one more class here and one more name in
   and compiled ahead of time by Inductor where it exports (calls skip TorchDynamo), else
   ``torch.compile``; stages specialised to a few batch sizes ("buckets", :func:`bucket_size`),
   a batch padded up to its bucket by repeating a row.
+- ``onnx``: each stage exported to ONNX (:mod:`offramp.export.onnx`) and run by ONNX Runtime,
+  its batch dimension (and, for networks that trim padding, its sequence dimension) dynamic;
+  needs the ``onnx`` extra.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "MODES",
     "CompileBackend",
     "EagerBackend",
+    "OnnxBackend",
     "ScriptBackend",
     "StageBackend",
     "bucket_size",
@@ -46,7 +50,7 @@ __all__ = [
 
 _log = logging.getLogger("offramp.runtime")
 
-MODES = ("eager", "script", "compile")
+MODES = ("eager", "script", "compile", "onnx")
 
 
 def bucket_size(n: int, per_octave: int = 4) -> int:
@@ -150,6 +154,73 @@ class CompileBackend(StageBackend):
         return _Bucketed(compiled, self.channels_last, self.per_octave)
 
 
+class OnnxBackend(StageBackend):
+    """Each stage and exit path exported to ONNX and run by an ONNX Runtime session.
+
+    Args:
+        threads: ONNX Runtime's intra-op threads per session (default: torch's thread count).
+
+    A stage that does not export, or whose export disagrees with eager on the example batch
+    (beyond 1e-4 absolute + 1e-4 relative on any floating-point output), is refused with a
+    :class:`~offramp.errors.ConversionError` saying why: ``mode="onnx"`` runs what was
+    exported or nothing.
+    """
+
+    name = "onnx"
+    compiles_ahead = True
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+        self._seq = False
+
+    def prepare(
+        self, net: MultiExitNetwork, tests: Sequence[nn.Module], example: Tensor | None
+    ) -> tuple[MultiExitNetwork, list[nn.Module]]:
+        self._seq = net.trim_padding  # token features' sequence length varies per batch
+        net = copy.deepcopy(net).eval().requires_grad_(False)
+        return net, [copy.deepcopy(t).eval().requires_grad_(False) for t in tests]
+
+    def stage(self, module: nn.Module, example: tuple[Tensor, ...] | None) -> Callable[..., Any]:
+        assert example is not None
+        return self._export(module, example)
+
+    def path(self, module: nn.Module, example: Tensor | None) -> nn.Module:
+        assert example is not None
+        return self._export(module, (example,))
+
+    def _export(self, module: nn.Module, example: tuple[Any, ...]) -> nn.Module:
+        from offramp.activations import select_rows
+        from offramp.errors import ConversionError
+        from offramp.export.onnx import OrtModule, max_difference, to_onnx
+
+        h = example[0]
+        rows = torch.zeros(2, dtype=torch.long)  # the exporter needs a batch of two or more
+        if _as_tuple(h)[0].shape[0] < 2:
+            example = tuple(select_rows(a, rows) for a in example)
+        flat = _as_tuple(example)
+        n_act = len(_as_tuple(example[0]))
+        dims = [
+            {0: "batch", 1: "seq"} if self._seq and i < n_act and t.dim() >= 2 else {0: "batch"}
+            for i, t in enumerate(flat)
+        ]
+        data, spec = to_onnx(module, example, dynamic=dims)
+        ort_module = OrtModule(data, spec, threads=self.threads)
+        with torch.no_grad():
+            want, got = module(*example), ort_module(*example)
+        diff = max_difference(_floats(got), _floats(want))
+        scale = max((float(t.abs().max()) for t in _floats(want) if t.numel()), default=0.0)
+        if not diff <= 1e-4 + 1e-4 * scale:
+            raise ConversionError(
+                f"{type(module).__name__} exported to ONNX differs from eager by {diff:.3g} "
+                "on the example batch; run it with mode='script' and report the model"
+            )
+        return ort_module
+
+
+def _floats(x: Any) -> tuple[Tensor, ...]:
+    return tuple(t for t in _as_tuple(x) if t.is_floating_point())
+
+
 def make_backend(
     mode: str, *, buckets_per_octave: int = 4, cpp_wrapper: bool = False
 ) -> StageBackend:
@@ -167,6 +238,11 @@ def make_backend(
         return ScriptBackend()
     if mode == "compile":
         return CompileBackend(buckets_per_octave, cpp_wrapper=cpp_wrapper)
+    if mode == "onnx":
+        from offramp.export.onnx import require_onnx
+
+        require_onnx()  # a missing extra is said before any work
+        return OnnxBackend()
     return StageBackend()
 
 

@@ -37,7 +37,7 @@ from offramp.runtime.backends import MODES, bucket_size, make_backend, padded
 from offramp.runtime.bulk import run_pooled
 from offramp.runtime.result import RuntimeResult
 
-__all__ = ["MODES", "EarlyExitRuntime", "RuntimeResult", "bucket_size"]
+__all__ = ["MODES", "EarlyExitRuntime", "RuntimeResult", "bucket_size", "stage_modules"]
 
 
 class _Step(nn.Module):
@@ -65,6 +65,19 @@ class _Final(nn.Module):
         return self.head(self.body(h))
 
 
+def stage_modules(
+    net: MultiExitNetwork, tests: list[nn.Module]
+) -> tuple[list[nn.Module], nn.Module]:
+    """The network's stages as modules: one ``(h, state) -> (h_next, logits, leave, state)``
+    per early exit (body, head and ``tests[i]`` fused), then the final ``h -> logits``. What
+    every backend, and the exporter (:mod:`offramp.export`), receives."""
+    stages = net.stages()
+    steps: list[nn.Module] = [
+        _Step(s.body, s.head, t) for s, t in zip(stages[:-1], tests, strict=True)
+    ]
+    return steps, _Final(stages[-1].body, stages[-1].head)
+
+
 class EarlyExitRuntime:
     """Run a ``MultiExitNetwork`` with an exit policy, really skipping computation.
 
@@ -77,7 +90,8 @@ class EarlyExitRuntime:
             TorchScript) or ``"compile"`` (each stage compiled by Inductor, ahead of time
             where it exports and with ``torch.compile`` otherwise, on a snapshot of the
             network: later changes to ``net`` are not seen; needs a C++ compiler). The last
-            two need ``example_input``.
+            two need ``example_input``. ``"onnx"``: each stage exported to ONNX and run by
+            ONNX Runtime (needs ``example_input`` and the ``onnx`` extra).
         example_input: an example batch for ``mode="script"`` and ``mode="compile"``.
         validate: check shape and finiteness of every input batch (one sync per batch).
         buckets_per_octave: ``mode="compile"`` only: batch-size buckets per power of two (a
@@ -137,9 +151,7 @@ class EarlyExitRuntime:
         )
         self._dtype = input_dtype(net)
         self._work, tests = backend.prepare(net, policy.exit_tests(), example_input)
-        stages = self._work.stages()
-        steps = [_Step(s.body, s.head, t) for s, t in zip(stages[:-1], tests, strict=True)]
-        final = _Final(stages[-1].body, stages[-1].head)
+        steps, final = stage_modules(self._work, tests)
         examples: list[tuple[Activation, Tensor] | None] = [None] * len(steps)
         h_final: Activation | None = None
         if example_input is not None:  # what each stage sees on the example batch
@@ -160,14 +172,22 @@ class EarlyExitRuntime:
         )
         self._paths: dict[int, nn.Module] = {}
         self._example = example_input
+        # run_one's initial state, made once (13 µs a call otherwise; exit tests never write
+        # their state in place)
+        self._state1 = policy.initial_state(1)
         if backend.compiles_ahead:
             assert example_input is not None
             try:  # compile now (for this batch shape), so a missing compiler shows here
                 self(example_input)
-            except Exception as exc:  # torch._dynamo / inductor errors have many types
+            except Exception as exc:  # torch._dynamo / inductor / onnxruntime errors
+                needs = (
+                    "it needs torch.compile with a working C++ compiler"
+                    if mode == "compile"
+                    else "the exported stages failed on the example batch"
+                )
                 raise ConfigError(
-                    f"mode={mode!r} failed ({type(exc).__name__}: {str(exc)[:200]}); it needs "
-                    "torch.compile with a working C++ compiler: use mode='script' instead"
+                    f"mode={mode!r} failed ({type(exc).__name__}: {str(exc)[:200]}); {needs}: "
+                    "use mode='script' instead"
                 ) from exc
 
     def _layout(self, x: Activation) -> Activation:
@@ -326,13 +346,17 @@ class EarlyExitRuntime:
         with _eval(self._work):
             return self._run_one(x)
 
+    def _initial(self, x: Tensor) -> Tensor:
+        return self.policy.initial_state(x.shape[0], x.device)
+
     def _run_one(self, x: Tensor) -> tuple[int, int, Tensor]:
         h: Activation = self._layout(x)
-        state = self.policy.initial_state(1, x.device)
+        state = self._state1 if x.device == self._state1.device else self._initial(x)
         for i, step in enumerate(self._steps):
             h, logits, leave, state = step(h, state)
-            if bool(leave[0]):
-                return int(logits[0].argmax()), i, logits[0]
+            if leave[0].item():
+                row = logits[0]
+                return int(row.argmax()), i, row
             if i == 0 and self.net.trim_padding:  # the sample's padding
                 h = trim_padding(h)
         logits = self._final(h)

@@ -1,0 +1,40 @@
+"""Export: a network's stages and tier segments as ONNX or TorchScript, checked against eager.
+
+- :mod:`offramp.export.segment`: consecutive stages with their exit tests as one module
+  (compaction inside), the unit a tier runs.
+- :mod:`offramp.export.onnx`: ``torch.onnx`` export to bytes and an ONNX Runtime session
+  called like a module (the ``onnx`` extra).
+- :mod:`offramp.export.bundle`: segment files plus a manifest with checksums, written and
+  loaded (``offramp export``).
+"""
+
+from offramp.export.bundle import (
+    FORMATS,
+    MANIFEST,
+    Bundle,
+    LoadedSegment,
+    SegmentOutput,
+    export_segments,
+    load_bundle,
+    segment_examples,
+)
+from offramp.export.onnx import OrtModule, max_difference, require_onnx, to_onnx
+from offramp.export.segment import Segment, check_splits, segments
+
+__all__ = [
+    "FORMATS",
+    "MANIFEST",
+    "Bundle",
+    "LoadedSegment",
+    "OrtModule",
+    "Segment",
+    "SegmentOutput",
+    "check_splits",
+    "export_segments",
+    "load_bundle",
+    "max_difference",
+    "require_onnx",
+    "segment_examples",
+    "segments",
+    "to_onnx",
+]
