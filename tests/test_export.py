@@ -206,3 +206,19 @@ def _never():
     from offramp import ThresholdPolicy
 
     return ThresholdPolicy.never(2)
+
+
+def test_rows_that_go_on_carry_their_last_local_exit_as_a_fallback(digits):
+    net, val, x = digits
+    policy = _policies(val)["entropy"]
+    with torch.no_grad():
+        every = net(x)  # every exit's logits, every row
+        for split in (1, 2):
+            device = segments(net, policy, [split])[0]
+            logits, exits, rows, *_ = device(x, policy.initial_state(len(x)))
+            going = exits < 0
+            assert torch.equal(going.nonzero().squeeze(1), rows) and 0 < going.sum() < len(x)
+            torch.testing.assert_close(logits[going], every[split - 1][going])
+            left = ~going
+            for e in exits[left].unique().tolist():
+                torch.testing.assert_close(logits[exits == e], every[e][exits == e])

@@ -145,3 +145,35 @@ def test_malformed_messages_are_refused_not_read():
             decode(msg)
     with pytest.raises(DataError, match="at least one tensor"):
         decode_activation([])
+
+
+def test_codec_report_counts_bytes_by_hand_and_fp32_is_the_runtime():
+    from offramp import EarlyExitRuntime, ThresholdPolicy
+    from offramp.models import blenet
+    from offramp.tiers import codec_report
+
+    net = blenet(8, 10, exits_after=(0, 1), head="linear", seed=0).eval()
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 10, (40,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first = net(x)[0].softmax(1).max(1).values
+    t = float(first.median())
+    policy = ThresholdPolicy("max_prob", (t, t))  # half the rows leave at exit 0
+    want = EarlyExitRuntime(net, policy)(x)
+    rows = {r["codec"]: r for r in codec_report(net, policy, x, y, split=1)}
+    forwarded = float((want.exits > 0).double().mean())
+    assert 0 < forwarded < 1  # some rows leave on the device, some are sent
+    assert rows["fp32"]["accuracy"] == float((want.predictions == y).double().mean())
+    assert rows["fp32"]["forwarded"] == forwarded and rows["fp32"]["exits_changed"] == 0
+    c, hw = 5, 5 * 5  # stage 1 receives B-LeNet's first block: (5, 5, 5) at 8x8 input
+    values = c * hw
+    assert rows["fp32"]["bytes_per_sample"] == 4 * values
+    assert rows["fp16"]["bytes_per_sample"] == 2 * values
+    assert rows["int8"]["bytes_per_sample"] == values + 8  # a scale and a zero point
+    assert rows["int8-channel"]["bytes_per_sample"] == values + 8 * c
+    assert rows["int8"]["ratio_to_fp32"] == 4 * values / (values + 8)
+    # a request of 4 rows shares one scale and zero point
+    four = codec_report(net, policy, x, y, split=1, codecs=["int8"], request_rows=4)[0]
+    assert four["bytes_per_sample"] < values + 8
+    with pytest.raises(ConfigError, match="unknown codecs"):
+        codec_report(net, policy, x, y, codecs=["int4"])

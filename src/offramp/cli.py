@@ -124,6 +124,30 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from offramp.jobs.serve import read_token, serve_bundle
+
+    return serve_bundle(
+        args.bundle,
+        tier=args.tier,
+        token=read_token(args.token_file),
+        segment=args.segment,
+        bind=args.bind,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        allow_plaintext_remote=args.allow_plaintext_remote,
+        next_tier=args.next,
+        next_timeout_s=args.next_timeout,
+        next_tls_root=args.next_tls_root,
+        next_server_name=args.next_server_name,
+        max_batch_rows=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue_rows=args.max_queue,
+        max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        threads=args.threads,
+    )
+
+
 def _ints(text: str | None) -> list[int]:
     if not text:
         return []
@@ -223,6 +247,34 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--codec", choices=sorted(CODECS), default="fp32")
     exp.add_argument("--output", metavar="DIR", help="default: RUN_DIR/export/FORMAT")
     exp.set_defaults(func=_export)
+    srv = sub.add_parser(
+        "serve",
+        help="serve one segment of an export bundle as an edge or cloud tier (gRPC)",
+    )
+    srv.add_argument("bundle", help="a directory written by `offramp export --split ...`")
+    srv.add_argument("--tier", choices=["edge", "cloud"], required=True)
+    srv.add_argument("--segment", type=int, help="default: the last (cloud), the second (edge)")
+    srv.add_argument("--bind", default="127.0.0.1:50051", help="HOST:PORT (default loopback)")
+    srv.add_argument(
+        "--token-file", help="file holding the shared secret (default: $OFFRAMP_TOKEN)"
+    )
+    srv.add_argument("--tls-cert", help="PEM certificate chain to serve TLS")
+    srv.add_argument("--tls-key", help="PEM private key of the certificate")
+    srv.add_argument(
+        "--allow-plaintext-remote",
+        action="store_true",
+        help="serve plaintext on a non-loopback address (the token travels in the clear)",
+    )
+    srv.add_argument("--next", metavar="HOST:PORT", help="the next tier (an edge's cloud)")
+    srv.add_argument("--next-timeout", type=float, default=1.0, help="seconds per forwarded call")
+    srv.add_argument("--next-tls-root", help="PEM root certificate of the next tier")
+    srv.add_argument("--next-server-name", help="the name the next tier's certificate is for")
+    srv.add_argument("--max-batch", type=int, default=64, help="rows per batch (default 64)")
+    srv.add_argument("--max-wait-ms", type=float, default=2.0, help="batching wait (default 2)")
+    srv.add_argument("--max-queue", type=int, default=1024, help="rows queued at most (1024)")
+    srv.add_argument("--max-message-mb", type=float, default=4.0, help="message cap (4 MiB)")
+    srv.add_argument("--threads", type=int, default=1, help="compute threads (default 1)")
+    srv.set_defaults(func=_serve)
     train = sub.add_parser(
         "train",
         help="train a multi-exit network as a YAML/JSON config describes (see configs/README.md)",

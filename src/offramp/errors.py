@@ -16,6 +16,7 @@ __all__ = [
     "NonFiniteError",
     "OfframpError",
     "ShapeError",
+    "TierError",
     "WriteError",
 ]
 
@@ -62,3 +63,12 @@ class ConformanceError(OfframpError, AssertionError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class TierError(OfframpError, RuntimeError):
+    """The next tier did not answer: down, past the deadline, or refusing. ``code`` is the gRPC
+    status name (``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, ``RESOURCE_EXHAUSTED``, ...)."""
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.code = code

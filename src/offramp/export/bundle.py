@@ -59,7 +59,8 @@ class SegmentOutput(NamedTuple):
     """What a segment returns (:class:`~offramp.export.segment.Segment`).
 
     Attributes:
-        logits: ``(n, C)`` logits of the rows that left in the segment (zeros elsewhere).
+        logits: ``(n, C)`` logits of each row's exit; for the rows that go on, of the
+            segment's last exit (the answer a device falls back on).
         exits: ``(n,)`` exit index of each row, ``−1`` for the rows that go on.
         rows: ``(m,)`` positions of the rows that go on (``None`` for a final segment).
         h: their activation at the next segment's first stage (``None`` for a final one).

@@ -5,7 +5,8 @@ runs its stages with compaction inside: after each exit the rows that leave are 
 and dropped, so later stages of the segment compute only for the rows still running. It returns
 
 - ``logits (n, C)`` and ``exits (n,)``: each row's logits and exit index where it left inside
-  the segment; ``exits = −1`` (logits zeros) for the rows that go on;
+  the segment; for the rows that go on, ``exits = −1`` and the logits of the segment's last
+  exit — the best answer this tier has, should the next one not answer;
 - for a segment that does not end with the final exit, also ``rows (m,)`` — which input rows
   go on, in order — and their ``h`` and ``state`` at stage ``last``: what travels to the next
   tier.
@@ -70,8 +71,8 @@ class Segment(nn.Module):
             h, logits, leave, state = step(h, state)
             if out is None:
                 out = logits.new_zeros((n, logits.shape[1]))
+            out = out.index_copy(0, rows, logits)  # every live row: its latest exit's logits
             gone = leave.nonzero().squeeze(1)
-            out = out.index_copy(0, rows[gone], logits[gone])
             exits = exits.index_copy(0, rows[gone], torch.full_like(gone, self.first + i))
             stay = (~leave).nonzero().squeeze(1)
             rows, h, state = rows[stay], select_rows(h, stay), state[stay]

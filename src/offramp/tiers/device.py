@@ -1,0 +1,175 @@
+"""The device side: run the first segment locally, answer from its exits when they fire,
+forward the rest to the next tier, and answer anyway when that tier does not.
+
+:class:`TieredRuntime` never loses a request and never waits past its deadline: a row the next
+tier answers gets that answer; a row it does not (down, past the deadline, refusing, or backed
+off after a recent failure) gets the device's own last exit, marked ``degraded`` and counted.
+When the tier answers again, offloading resumes (:class:`~offramp.tiers.client.Backoff`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from offramp.activations import Activation
+from offramp.errors import ConfigError, TierError
+from offramp.tiers.client import TierClient
+
+__all__ = ["TieredResult", "TieredRuntime"]
+
+
+@dataclass
+class TieredResult:
+    """Per sample of a batch: its prediction, exit, logits, and where it was answered.
+
+    Attributes:
+        predictions: ``(n,)`` class indices.
+        exits: ``(n,)`` exit index (a degraded row: the device's last exit).
+        logits: ``(n, C)``.
+        offloaded: ``(n,)`` the row was sent to the next tier.
+        degraded: ``(n,)`` the row should have been answered by a later tier and was not.
+        bytes_sent: request bytes sent for this batch.
+        error: the next tier's failure, if one happened (``None`` otherwise).
+    """
+
+    predictions: Tensor
+    exits: Tensor
+    logits: Tensor
+    offloaded: Tensor
+    degraded: Tensor
+    bytes_sent: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    samples: int = 0
+    local: int = 0
+    offloaded: int = 0
+    degraded: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    bytes_sent: int = 0
+
+
+class TieredRuntime:
+    """The device's runtime (see the module docstring).
+
+    Args:
+        segment: the device segment, ``(h, state) -> (logits, exits, rows, *h, state)`` — a
+            :class:`~offramp.export.Segment` or a bundle's first
+            :class:`~offramp.export.LoadedSegment`.
+        client: the next tier's :class:`~offramp.tiers.client.TierClient` (``None``: every
+            forwarded row answered degraded — the device alone).
+        last_exit: the device's last exit (a degraded row's exit).
+        state_size: columns of the exit tests' state.
+
+    Example:
+        >>> import torch
+        >>> from offramp import ThresholdPolicy
+        >>> from offramp.export import segments
+        >>> from offramp.models import mlp
+        >>> net = mlp(4, 3, hidden=(8, 8), seed=0).eval()
+        >>> device, _ = segments(net, ThresholdPolicy("max_prob", (0.5,)), [1])
+        >>> rt = TieredRuntime(device, None, last_exit=0)  # no server: the device alone
+        >>> r = rt(torch.randn(6, 4))
+        >>> bool((r.degraded == r.offloaded).all()), rt.stats["samples"]
+        (True, 6)
+    """
+
+    def __init__(
+        self,
+        segment: Callable[[Activation, Tensor], Sequence[Any]],
+        client: TierClient | None,
+        *,
+        last_exit: int,
+        state_size: int = 0,
+    ) -> None:
+        self.segment, self.client = segment, client
+        self.last_exit, self.state_size = int(last_exit), int(state_size)
+        self._stats = _Stats()
+
+    @classmethod
+    def from_bundle(
+        cls, path: str | Path, target: str | None, *, threads: int | None = None, **client: Any
+    ) -> TieredRuntime:
+        """The device runtime of an export bundle: its first segment, and a client of
+        ``target`` (the next tier; ``None`` for none) with the bundle's codec unless
+        ``codec=`` is given; other keyword arguments go to :class:`TierClient`."""
+        from offramp.export import load_bundle
+
+        bundle = load_bundle(path, threads=threads)
+        first = bundle.segments[0]
+        if first.final:
+            raise ConfigError(
+                f"{path} is one segment (exported without --split): there is no next tier"
+            )
+        tc = None
+        if target is not None:
+            client.setdefault("codec", bundle.manifest.get("codec", "fp32"))
+            tc = TierClient(target, stage=first.last, **client)
+        return cls(
+            lambda h, s: tuple(first.module(h, s)),
+            tc,
+            last_exit=first.last - 1,
+            state_size=bundle.state_size,
+        )
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counts since construction: requests, samples, answered locally, offloaded,
+        degraded, failures by status, bytes sent."""
+        s = self._stats
+        return {
+            "requests": s.requests,
+            "samples": s.samples,
+            "local": s.local,
+            "offloaded": s.offloaded,
+            "degraded": s.degraded,
+            "failures": dict(s.failures),
+            "bytes_sent": s.bytes_sent,
+        }
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> TieredResult:
+        """Every sample of ``x`` answered: locally, by the next tier, or degraded."""
+        n = x.shape[0]
+        state = torch.zeros((n, self.state_size), dtype=torch.long)
+        out = tuple(self.segment(x, state))
+        logits, exits, rows = out[0].clone(), out[1].clone(), out[2]
+        offloaded = torch.zeros(n, dtype=torch.bool)
+        degraded = torch.zeros(n, dtype=torch.bool)
+        sent, error = 0, None
+        if rows.numel():
+            offloaded[rows] = True
+            h = out[3] if len(out) == 5 else tuple(out[3:-1])
+            reply = None
+            if self.client is not None:
+                before = self.client.bytes_sent
+                try:
+                    reply = self.client.forward(h, out[-1])
+                except TierError as exc:
+                    error = exc.code
+                    self._stats.failures[exc.code] = self._stats.failures.get(exc.code, 0) + 1
+                sent = self.client.bytes_sent - before
+            if reply is None:
+                exits[rows] = self.last_exit
+                degraded[rows] = True
+            else:
+                logits[rows] = reply.logits.to(logits.dtype)
+                exits[rows] = reply.exits
+                degraded[rows] = reply.degraded
+        s = self._stats
+        s.requests += 1
+        s.samples += n
+        s.offloaded += int(offloaded.sum())
+        s.local += n - int(offloaded.sum())
+        s.degraded += int(degraded.sum())
+        s.bytes_sent += sent
+        return TieredResult(logits.argmax(1), exits, logits, offloaded, degraded, sent, error)
