@@ -91,9 +91,40 @@ def onnx_section(m: dict[str, Any], modes: list[str]) -> list[dict[str, Any]]:
         rt = EarlyExitRuntime(m["net"], m["policy"], mode=mode, example_input=xt[:2])
         sp = measure_speedups(rt, xt, batch1_samples=300, batch_size=256, repeats=7)
         share = float((rt(xt[:2000]).exits == 0).double().mean())
-        rows.append({"dataset": m["name"], "mode": mode, "exit0_share": share, **sp})
+        row = {"dataset": m["name"], "mode": mode, "exit0_share": share, **sp}
+        if mode == "onnx":  # the whole network as one ONNX graph, compaction inside it
+            row["fused_us_per_sample_batch1"] = fused_batch1(m, rt)
+        rows.append(row)
         print(f"  onnx section, mode {mode}: {time.perf_counter() - t0:.0f} s", flush=True)
     return rows
+
+
+def fused_batch1(m: dict[str, Any], rt: EarlyExitRuntime, samples: int = 300) -> float:
+    """Batch-1 µs per sample of the network exported as one segment (one ONNX Runtime call
+    per sample, the exit decided inside the graph), timed beside the plain backbone."""
+    from offramp.export import OrtModule, segments, to_onnx
+    from offramp.timing import compare_wallclock
+
+    xt, _ = m["test"]
+    policy = m["policy"]
+    seg = segments(m["net"], policy, [])[0]
+    fused = OrtModule(*to_onnx(seg, (xt[:2], policy.initial_state(2))))
+    state = policy.initial_state(1)
+    one = [xt[i : i + 1] for i in range(samples)]
+    plain = rt.plain_backbone()
+
+    def run_fused() -> None:
+        for x in one:
+            logits, exits = fused(x, state)
+            int(logits[0].argmax()), int(exits[0])
+
+    def run_plain() -> None:
+        for x in one:
+            plain(x)
+
+    with torch.no_grad():
+        t = compare_wallclock({"fused": run_fused, "plain": run_plain}, repeats=7)
+    return 1e6 * t["fused"] / samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
                 ],
             )
         )
+        for r in rows:
+            if "fused_us_per_sample_batch1" in r:
+                f = r["fused_us_per_sample_batch1"]
+                print(
+                    f"onnx, the network as one graph: {f:.0f} µs at batch 1 "
+                    f"({r['plain_us_per_sample_batch1'] / f:.2f}x the plain backbone's)"
+                )
     out["seconds"] = time.perf_counter() - t_start
     if args.json:
         print(f"wrote {files.write_json(Path(args.json), out)}")
