@@ -9,11 +9,15 @@ The schema, in ``.proto`` terms (package ``offramp.tier``)::
                       Tensor state = 4; }
     message Reply   { string request_id = 1; Tensor logits = 2; Tensor exits = 3;
                       Tensor degraded = 4; string tier = 5; }
+    message TrainChunk { repeated Tensor h = 1; Tensor y = 2; string config = 3; }
+    message TrainReply { string report = 1; }
 
 A request carries the rows a tier forwards — their activation at ``stage`` (each member
 encoded with a codec, :mod:`offramp.tiers.codecs`) and their exit tests' state; the reply
 carries every row's logits (float32), exit index and whether it was answered degraded
-(a later tier did not answer and this one fell back on its last exit).
+(a later tier did not answer and this one fell back on its last exit). Training across tiers
+streams ``TrainChunk`` messages — rows of the activations a tier trains on, their labels, and
+(in the first) the training settings as JSON — and gets one ``TrainReply`` (JSON).
 
 :func:`pack_request` / :func:`unpack_request` and :func:`pack_reply` / :func:`unpack_reply`
 turn tensors into bytes and back; bytes that are not such a message, or whose tensors do not
@@ -35,8 +39,12 @@ __all__ = [
     "Request",
     "pack_reply",
     "pack_request",
+    "pack_train_chunk",
+    "pack_train_reply",
     "unpack_reply",
     "unpack_request",
+    "unpack_train_chunk",
+    "unpack_train_reply",
 ]
 
 _STRING, _BYTES, _INT64, _INT32, _MESSAGE = 9, 12, 3, 5, 11  # FieldDescriptorProto types
@@ -92,11 +100,20 @@ def _schema() -> dict[str, Any]:
             ("tier", _STRING, _OPTIONAL, ""),
         ],
     )
+    message(
+        "TrainChunk",
+        [
+            ("h", _MESSAGE, _REPEATED, "Tensor"),
+            ("y", _MESSAGE, _OPTIONAL, "Tensor"),
+            ("config", _STRING, _OPTIONAL, ""),
+        ],
+    )
+    message("TrainReply", [("report", _STRING, _OPTIONAL, "")])
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"offramp.tier.{name}"))
-        for name in ("Tensor", "Request", "Reply")
+        for name in ("Tensor", "Request", "Reply", "TrainChunk", "TrainReply")
     }
 
 
@@ -216,3 +233,35 @@ def unpack_reply(data: bytes) -> Reply:
             f"{tuple(degraded.shape)} do not describe the same rows"
         )
     return Reply(msg.request_id, logits, exits, degraded.bool(), msg.tier)
+
+
+def pack_train_chunk(h: Activation, y: Tensor, config: str = "", codec: str = "fp32") -> bytes:
+    """Training rows: ``h`` with ``codec`` (fp32 keeps training identical), labels raw, and
+    the settings (JSON) in the stream's first chunk."""
+    msg = _cls("TrainChunk")(config=config)
+    msg.h.extend(_to_proto(e) for e in encode_activation(h, codec))
+    msg.y.CopyFrom(_to_proto(encode(y)))
+    return msg.SerializeToString()
+
+
+def unpack_train_chunk(data: bytes) -> tuple[Activation, Tensor, str]:
+    """``(h, y, config)`` of a training chunk; ``DataError`` when malformed or misaligned."""
+    msg = _parse("TrainChunk", data)
+    if not msg.h:
+        raise DataError("a training chunk carries at least one activation tensor; got none")
+    h = decode_activation([_from_proto(t, f"h[{i}]") for i, t in enumerate(msg.h)])
+    y = decode(_from_proto(msg.y, "y"))
+    members = h if isinstance(h, tuple) else (h,)
+    if y.dim() != 1 or any(t.shape[0] != y.shape[0] for t in members):
+        raise DataError("a training chunk's activation and labels have different row counts")
+    return h, y, msg.config
+
+
+def pack_train_reply(report: str) -> bytes:
+    """The trainer's answer: a JSON report."""
+    return _cls("TrainReply")(report=report).SerializeToString()
+
+
+def unpack_train_reply(data: bytes) -> str:
+    """The JSON report of a training reply."""
+    return str(_parse("TrainReply", data).report)

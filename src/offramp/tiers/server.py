@@ -42,7 +42,16 @@ from torch import Tensor
 from offramp.activations import Activation, concat
 from offramp.errors import ConfigError, DataError
 
-__all__ = ["SERVICE", "ServerConfig", "ServerThread", "TensorSpec", "TierServer", "grpc_module"]
+__all__ = [
+    "SERVICE",
+    "ServerConfig",
+    "ServerThread",
+    "TensorSpec",
+    "TierServer",
+    "bind",
+    "check_token",
+    "grpc_module",
+]
 
 _log = logging.getLogger("offramp.tiers")
 
@@ -59,6 +68,40 @@ def grpc_module() -> Any:
     except ImportError as exc:
         raise ConfigError("the tier wire needs grpcio: pip install 'offramp[net]'") from exc
     return grpc
+
+
+def bind(config: ServerConfig, handlers: dict[str, Any]) -> tuple[Any, int]:
+    """A ``grpc.aio`` server for ``handlers`` (``"/service/Method"`` → method handler), bound
+    as ``config`` says (address, TLS, message caps); returns it, not started, and its port."""
+    grpc = grpc_module()
+    config.check()
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    by_service: dict[str, dict[str, Any]] = {}
+    for path, handler in handlers.items():
+        service, method = path.strip("/").split("/")
+        by_service.setdefault(service, {})[method] = handler
+    server.add_generic_rpc_handlers(
+        tuple(grpc.method_handlers_generic_handler(s, m) for s, m in by_service.items())
+    )
+    address = f"{config.host}:{config.port}"
+    if config.tls is not None:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([config.tls]))
+    else:
+        port = server.add_insecure_port(address)
+    if not port:
+        raise ConfigError(f"cannot bind {address} (in use, or not an address of this host)")
+    return server, port
+
+
+def check_token(metadata: Any, token: str) -> bool:
+    """The request's metadata carries ``token`` (compared in constant time)."""
+    got = dict(metadata or ()).get(TOKEN_KEY, "")
+    return isinstance(got, str) and hmac.compare_digest(got.encode(), token.encode())
 
 
 @dataclass(frozen=True)
@@ -202,26 +245,8 @@ class TierServer:
     async def start(self) -> int:
         """Bind and start serving; returns the bound port."""
         grpc = grpc_module()
-        cfg = self.config
-        options = [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        self._server = grpc.aio.server(options=options)
         handler = grpc.unary_unary_rpc_method_handler(self._handle)  # raw bytes in and out
-        service, method = SERVICE.strip("/").split("/")
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service, {method: handler}),)
-        )
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls is not None:
-            creds = grpc.ssl_server_credentials([cfg.tls])
-            port = self._server.add_secure_port(address, creds)
-        else:
-            port = self._server.add_insecure_port(address)
-        if not port:
-            raise ConfigError(f"cannot bind {address} (in use, or not an address of this host)")
+        self._server, port = bind(self.config, {SERVICE: handler})
         self._queue = asyncio.Queue()
         self._batcher = asyncio.get_running_loop().create_task(self._batch_forever())
         await self._server.start()
@@ -247,7 +272,7 @@ class TierServer:
     async def _handle(self, data: bytes, context: Any) -> bytes:
         grpc = grpc_module()
         try:
-            item = self._admit(data, dict(context.invocation_metadata() or ()))
+            item = self._admit(data, context.invocation_metadata())
         except _Refused as r:
             self.stats["refused"] += 1
             await context.abort(getattr(grpc.StatusCode, r.code), str(r))
@@ -263,13 +288,10 @@ class TierServer:
 
         return pack_reply(item.request_id, logits, exits, degraded, self.config.tier)
 
-    def _admit(self, data: bytes, metadata: dict[str, Any]) -> _Item:
+    def _admit(self, data: bytes, metadata: Any) -> _Item:
         from offramp.tiers.messages import unpack_request
 
-        token = metadata.get(TOKEN_KEY, "")
-        if not isinstance(token, str) or not hmac.compare_digest(
-            token.encode(), self.config.token.encode()
-        ):
+        if not check_token(metadata, self.config.token):
             raise _Refused("UNAUTHENTICATED", "missing or wrong token")
         try:
             req = unpack_request(data)
