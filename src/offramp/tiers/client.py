@@ -25,7 +25,7 @@ from offramp.tiers.codecs import CODECS
 from offramp.tiers.messages import Reply, pack_request, unpack_reply
 from offramp.tiers.server import SERVICE, TOKEN_KEY, grpc_module
 
-__all__ = ["AsyncTierClient", "Backoff", "TierClient"]
+__all__ = ["AsyncTierClient", "Backoff", "TierClient", "channel_options"]
 
 
 class Backoff:
@@ -62,7 +62,9 @@ class Backoff:
         self.delay, self.until = 0.0, 0.0
 
 
-def _options(max_message_bytes: int, server_name: str | None) -> list[tuple[str, Any]]:
+def channel_options(max_message_bytes: int, server_name: str | None) -> list[tuple[str, Any]]:
+    """gRPC channel options of every offramp client: message caps both ways, no transparent
+    retries (a failure falls back at once), the TLS name override when given."""
     opts: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -144,7 +146,7 @@ class TierClient(_Common):
     def __init__(self, target: str, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
         grpc = grpc_module()
-        opts = _options(self.max_message_bytes, self.server_name)
+        opts = channel_options(self.max_message_bytes, self.server_name)
         if self.tls_root_cert is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=self.tls_root_cert)
             self._channel = grpc.secure_channel(target, creds, options=opts)
@@ -195,7 +197,7 @@ class AsyncTierClient(_Common):
 
     def _open(self) -> None:
         grpc = grpc_module()
-        opts = _options(self.max_message_bytes, self.server_name)
+        opts = channel_options(self.max_message_bytes, self.server_name)
         if self.tls_root_cert is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=self.tls_root_cert)
             self._channel = grpc.aio.secure_channel(self.target, creds, options=opts)

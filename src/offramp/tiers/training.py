@@ -119,7 +119,7 @@ def send_training(
     Raises:
         TierError: the tier refused (token, malformed data) or failed, with its status.
     """
-    from offramp.tiers.client import _options
+    from offramp.tiers.client import channel_options
     from offramp.tiers.messages import pack_train_chunk, unpack_train_reply
     from offramp.tiers.server import TOKEN_KEY, grpc_module
 
@@ -130,7 +130,7 @@ def send_training(
             f"h and y have different row counts ({[t.shape[0] for t in members]} vs "
             f"{tuple(y.shape)}): send one label per row"
         )
-    opts = _options(max_message_bytes, server_name)
+    opts = channel_options(max_message_bytes, server_name)
     if tls_root_cert is not None:
         creds = grpc.ssl_channel_credentials(root_certificates=tls_root_cert)
         channel = grpc.secure_channel(target, creds, options=opts)
