@@ -249,7 +249,14 @@ def test_compiled_runtime_compiles_each_bucket_once():
     np.testing.assert_array_equal(rt(x).exits.numpy(), simulate(rec, pol).exits)
 
 
-def test_cpp_wrapper_runtime_equals_simulation_and_needs_compile_mode(monkeypatch):
+def test_cpp_wrapper_needs_compile_mode():
+    net = MODELS["resnet"](8, 10).eval()
+    with pytest.raises(ConfigError, match="cpp_wrapper=True applies to mode='compile' only"):
+        EarlyExitRuntime(net, ThresholdPolicy.never(net.num_exits), mode="script", cpp_wrapper=True)
+
+
+@pytest.mark.slow  # about a minute of C++ compilation
+def test_cpp_wrapper_runtime_equals_simulation(monkeypatch):
     import torch._inductor
     import torch._inductor.config as inductor_config
 
@@ -271,5 +278,3 @@ def test_cpp_wrapper_runtime_equals_simulation_and_needs_compile_mode(monkeypatc
     assert set(rt._steps[0].kinds.values()) == {"standalone"}
     rt.plain_backbone()(x)
     assert seen and all(seen) and not inductor_config.cpp_wrapper  # on only while compiling
-    with pytest.raises(ConfigError, match="cpp_wrapper=True applies to mode='compile' only"):
-        EarlyExitRuntime(net, pol, mode="script", example_input=x[:2], cpp_wrapper=True)
