@@ -14,7 +14,7 @@ DATA   ?= ../shared/data
 BENCH = export OFFRAMP_DATA="$$(realpath -m "$${OFFRAMP_DATA:-$(DATA)}")" && cd benchmarks && \
 	$(abspath $(PY))
 
-.PHONY: demo test test-slow lint format docs-images bench bench-strategies bench-runtime bench-widths bench-placement bench-families clean
+.PHONY: demo test test-slow lint format docs-images bench bench-strategies bench-runtime bench-widths bench-placement bench-families bench-tiers clean
 
 $(BIN)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,9 @@ bench-placement: $(BIN)/.deps-dev
 
 bench-families: $(BIN)/.deps-dev
 	$(BENCH) families.py --json results/families.json
+
+bench-tiers: $(BIN)/.deps-dev
+	$(BENCH) tiers.py --json results/tiers.json
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from offramp.activations import Activation
+from offramp.activations import Activation, select_rows
 from offramp.errors import ConfigError, TierError
 from offramp.tiers.client import TierClient
 
@@ -69,6 +69,8 @@ class TieredRuntime:
             forwarded row answered degraded — the device alone).
         last_exit: the device's last exit (a degraded row's exit).
         state_size: columns of the exit tests' state.
+        request_rows: most rows in one request (a server refuses requests larger than its
+            batch); more forwarded rows travel as several requests.
 
     Example:
         >>> import torch
@@ -90,9 +92,13 @@ class TieredRuntime:
         *,
         last_exit: int,
         state_size: int = 0,
+        request_rows: int = 64,
     ) -> None:
+        if request_rows < 1:
+            raise ConfigError(f"request_rows must be ≥ 1, got {request_rows}")
         self.segment, self.client = segment, client
         self.last_exit, self.state_size = int(last_exit), int(state_size)
+        self.request_rows = int(request_rows)
         self._stats = _Stats()
 
     @classmethod
@@ -149,22 +155,26 @@ class TieredRuntime:
         if rows.numel():
             offloaded[rows] = True
             h = out[3] if len(out) == 5 else tuple(out[3:-1])
-            reply = None
-            if self.client is not None:
-                before = self.client.bytes_sent
-                try:
-                    reply = self.client.forward(h, out[-1])
-                except TierError as exc:
-                    error = exc.code
-                    self._stats.failures[exc.code] = self._stats.failures.get(exc.code, 0) + 1
-                sent = self.client.bytes_sent - before
-            if reply is None:
-                exits[rows] = self.last_exit
-                degraded[rows] = True
-            else:
-                logits[rows] = reply.logits.to(logits.dtype)
-                exits[rows] = reply.exits
-                degraded[rows] = reply.degraded
+            for start in range(0, rows.numel(), self.request_rows):
+                part = torch.arange(start, min(start + self.request_rows, rows.numel()))
+                where = rows[part]
+                reply = None
+                if self.client is not None:
+                    before = self.client.bytes_sent
+                    try:
+                        reply = self.client.forward(select_rows(h, part), out[-1][part])
+                    except TierError as exc:
+                        error = error or exc.code
+                        failures = self._stats.failures
+                        failures[exc.code] = failures.get(exc.code, 0) + 1
+                    sent += self.client.bytes_sent - before
+                if reply is None:
+                    exits[where] = self.last_exit
+                    degraded[where] = True
+                else:
+                    logits[where] = reply.logits.to(logits.dtype)
+                    exits[where] = reply.exits
+                    degraded[where] = reply.degraded
         s = self._stats
         s.requests += 1
         s.samples += n
