@@ -29,18 +29,43 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from _common import cnn_fit_config, dataset_root
-from offramp import EarlyExitRuntime, ExitRecord, files
+from _tiers import (
+    EmulatedDevice,
+    Served,
+    cloud_answer,
+    median,
+    percentiles,
+    tiered_answer,
+    time_requests,
+)
+from offramp import EarlyExitRuntime, ExitRecord, ThresholdPolicy, files, profile
 from offramp.calibration import calibrate_policies
 from offramp.costs import cumulative_costs
 from offramp.data import load_mnist
+from offramp.export import export_segments, load_bundle
 from offramp.jobs.experiment import measure_speedups
 from offramp.models import blenet
+from offramp.policies import decide_from_logits
 from offramp.report import format_table
 from offramp.runtime import MODES
-from offramp.tiers import CODECS, codec_report
+from offramp.tiers import (
+    CODECS,
+    LINKS,
+    Link,
+    LinkRelay,
+    TierClient,
+    TierCosts,
+    TieredRuntime,
+    codec_report,
+    plan,
+    sample_latencies,
+    stage_seconds,
+)
+from offramp.tiers.messages import pack_reply, pack_request
 from offramp.training import fit
 
 NETWORKS = {"mnist": (0,), "fashion-mnist": (0, 1)}
@@ -67,6 +92,8 @@ def trained(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
         "net": net,
         "policy": chosen.policy,
         "test": (xt, yt),
+        "val": (x[-val:], y[-val:]),
+        "record": record,
         "train_seconds": time.perf_counter() - t0,
     }
 
@@ -127,10 +154,377 @@ def fused_batch1(m: dict[str, Any], rt: EarlyExitRuntime, samples: int = 300) ->
     return 1e6 * t["fused"] / samples
 
 
+# ------------------------------------------------------------------------------ links section
+
+
+def flops_tables(net: Any, x: Any) -> dict[str, Any]:
+    """Per-sample FLOPs: ``cum[i]`` to reach exit ``i`` (heads on the way included),
+    ``bodies[k]`` of the blocks before stage ``k`` (no heads), ``plain`` of the backbone."""
+    p = profile(net, x[:1])
+    cum = np.asarray(p.cumulative, dtype=float)
+    blocks = np.cumsum([0.0, *p.block_flops])
+    ends = [b + 1 for b in p.exit_blocks]  # blocks before stage k+1 end at exit_blocks[k]
+    bodies = np.array([0.0, *[blocks[e] for e in ends]])
+    return {"cum": cum, "bodies": bodies, "plain": float(p.backbone_flops)}
+
+
+def measure_tier_costs(
+    m: dict[str, Any], fl: dict[str, Any], rate: float, codec: str, server: Served
+) -> TierCosts:
+    """Device stages from FLOPs at ``rate``; server stages measured here; a request's fixed
+    cost measured through a relay at 10 ms (its round trip subtracted); request bytes from the
+    real messages plus framing."""
+    net, policy = m["net"], m["policy"]
+    xv, _ = m["val"]
+    e = net.num_exits
+    never = ThresholdPolicy.never(e)
+    srv = stage_seconds(net, never, xv)
+    dev = list(np.diff(np.r_[0.0, fl["cum"]]) / rate)
+    ref = Link(1e10, 0.01)
+    from offramp.export import segment_examples
+
+    examples = segment_examples(net, policy, xv[:1], list(range(1, e)))
+    state = torch.zeros(1, policy.state_size, dtype=torch.long)
+    with LinkRelay(ref, f"127.0.0.1:{server.port}") as relay:
+        client = TierClient(relay.address, token=server.token, stage=1, codec=codec)
+        h1 = examples[1][0]
+        client.forward(h1, state)
+        times = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            client.forward(h1, state)
+            times.append(time.perf_counter() - t0)
+        client.close()
+    up = [len(pack_request("r" * 24, 0, xv[:1], state, "fp32")) + 200.0]
+    for k in range(1, e):
+        up.append(len(pack_request("r" * 24, k, examples[k][0], state, codec)) + 200.0)
+    logits = torch.zeros(1, 10)
+    down = (
+        len(
+            pack_reply(
+                "r" * 24,
+                logits,
+                torch.zeros(1, dtype=torch.long),
+                torch.zeros(1, dtype=torch.bool),
+                "cloud",
+            )
+        )
+        + 200.0
+    )
+    call = median(times) - sum(srv[1:]) - ref.round_trip_s(up[1], down)
+    return TierCosts(dev, srv, max(call, 0.0), up, down)
+
+
+def export_bundle(
+    m: dict[str, Any], policy: Any, splits: list[int], codec: str, root: Path
+) -> Path:
+    name = f"{m['name']}-{type(policy).__name__}-{'_'.join(map(str, splits)) or 'whole'}"
+    name += f"-{abs(hash(tuple(getattr(policy, 'thresholds', ())))) % 10**8}-{codec}"
+    out = root / name
+    if not (out / "manifest.json").is_file():
+        export_segments(
+            m["net"], policy, out, m["val"][0][:16], splits=splits, fmt="onnx", codec=codec
+        )
+    return out
+
+
+def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    import secrets
+
+    token = secrets.token_urlsafe(24)
+    net = m["net"]
+    e = net.num_exits
+    xt, yt = m["test"]
+    g = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(xt.shape[0], generator=g)[: args.link_samples]
+    xs, ys = xt[pick], yt[pick]
+    fl = flops_tables(net, xs)
+    rate = args.device_mflops * 1e6
+    never = ThresholdPolicy.never(e)
+    servers: dict[Path, Served] = {}
+
+    def serve(bundle: Path) -> Served:
+        if bundle not in servers:
+            servers[bundle] = Served(bundle, token)
+        return servers[bundle]
+
+    rows: list[dict[str, Any]] = []
+    plain_module = EarlyExitRuntime(net, never).plain_backbone()
+    try:
+        first = serve(export_bundle(m, m["policy"], [1], args.codec, root))
+        costs = measure_tier_costs(m, fl, rate, args.codec, first)
+        whole_cloud = serve(export_bundle(m, never, [], "fp32", root))
+        for link in LINKS:
+            t_link = time.perf_counter()
+            planned = plan(m["record"], costs, link, delta=args.delta, objective="p95")
+            flat = plan(m["record"], costs, link, delta=args.delta, exits=False, objective="p95")
+            systems: dict[str, tuple[Any, dict[str, Any]]] = {}
+
+            def device_only(policy: Any) -> Any:
+                bundle = load_bundle(export_bundle(m, policy, [], args.codec, root))
+                seg = bundle.segments[0]
+                dev = EmulatedDevice(
+                    lambda h, st: tuple(seg.module(h, st)),
+                    lambda out: fl["cum"][int(out[1][0])],
+                    rate,
+                )
+                return tiered_answer(
+                    TieredRuntime(dev, None, last_exit=e - 1, state_size=bundle.state_size)
+                )
+
+            relays: list[LinkRelay] = []
+
+            def split_system(
+                policy: Any, k: int, exits: bool, link: Link = link, relays: list = relays
+            ) -> tuple[Any, LinkRelay]:
+                codec = args.codec
+                bundle_dir = export_bundle(m, policy, [k], codec, root)
+                bundle = load_bundle(bundle_dir)
+                srv = serve(bundle_dir)
+                relay = LinkRelay(link, f"127.0.0.1:{srv.port}")
+                relays.append(relay)
+                seg = bundle.segments[0]
+
+                def flops(out: Any) -> float:
+                    if not exits:
+                        return fl["bodies"][k]
+                    ex = int(out[1][0])
+                    return fl["cum"][ex] if ex >= 0 else fl["cum"][k - 1]
+
+                dev = EmulatedDevice(lambda h, st: tuple(seg.module(h, st)), flops, rate)
+                client = TierClient(relay.address, token=token, stage=k, codec=codec, timeout_s=5.0)
+                rt = TieredRuntime(dev, client, last_exit=k - 1, state_size=bundle.state_size)
+                return tiered_answer(rt), relay
+
+            def cloud_system(
+                bundle_dir: Path, link: Link = link, relays: list = relays
+            ) -> tuple[Any, LinkRelay]:
+                srv = serve(bundle_dir)
+                relay = LinkRelay(link, f"127.0.0.1:{srv.port}")
+                relays.append(relay)
+                client = TierClient(relay.address, token=token, stage=0, timeout_s=5.0)
+                return cloud_answer(client), relay
+
+            # ours: exits, the planned split, int8 on the wire
+            k = planned.split
+            if k == e:
+                ours, relay = device_only(planned.policy), None
+            elif k == 0:
+                ours, relay = cloud_system(export_bundle(m, planned.policy, [], "fp32", root))
+            else:
+                ours, relay = split_system(planned.policy, k, True)
+            systems["tiered (exits + split)"] = (
+                ours,
+                {"split": k, "relay": relay, "plan": planned},
+            )
+            plain_dev = EmulatedDevice(plain_module, lambda out: fl["plain"], rate)
+            systems["all on device"] = (
+                lambda x, dev=plain_dev: (int(dev(x)[0].argmax()), False),
+                {"split": e, "relay": None},
+            )
+            cloud, crelay = cloud_system(whole_cloud.bundle)
+            systems["all in the cloud"] = (cloud, {"split": 0, "relay": crelay})
+            kf = flat.split
+            if kf == e:
+                best, brelay = systems["all on device"][0], None
+            elif kf == 0:
+                best, brelay = cloud, crelay
+            else:
+                best, brelay = split_system(never, kf, False)
+            systems["best split, no exits"] = (best, {"split": kf, "relay": brelay})
+            for name, (answer, info) in systems.items():
+                relay = info["relay"]
+                before = dict(relay.bytes) if relay is not None else {"up": 0, "down": 0}
+                r = time_requests(answer, xs, ys)
+                after = relay.bytes if relay is not None else {"up": 0, "down": 0}
+                sent = (after["up"] - before["up"]) + (after["down"] - before["down"])
+                row = {
+                    "dataset": m["name"],
+                    "link": link.label,
+                    "system": name,
+                    "split": info["split"],
+                    **r,
+                    "bytes_per_request": sent / len(xs),
+                }
+                if "plan" in info:
+                    p = info["plan"]
+                    ex = decide_from_logits(p.policy, ExitRecord.collect(net, (xs, ys)).logits)
+                    pred = sample_latencies(ex.numpy(), costs, link, p.split)
+                    row.update(
+                        offload_ratio=float((ex >= p.split).double().mean())
+                        if p.split < e
+                        else 0.0,
+                        thresholds=list(getattr(p.policy, "thresholds", ())),
+                        plan_val_mean_ms=1e3 * p.mean_s,
+                        plan_val_p95_ms=1e3 * p.p95_s,
+                        predicted_mean_ms=1e3 * float(pred.mean()),
+                        predicted_p95_ms=1e3 * float(np.quantile(pred, 0.95)),
+                    )
+                else:
+                    row["offload_ratio"] = 1.0 if info["split"] < e else 0.0
+                rows.append(row)
+            for relay in relays:
+                relay.close()
+            print(
+                f"  links {m['name']} {link.label}: {time.perf_counter() - t_link:.0f} s",
+                flush=True,
+            )
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    return {
+        "rows": rows,
+        "costs": {
+            "device_s": list(costs.device_s),
+            "server_s": list(costs.server_s),
+            "call_s": costs.call_s,
+            "up_bytes": list(costs.up_bytes),
+            "down_bytes": costs.down_bytes,
+            "device_mflops": args.device_mflops,
+        },
+    }
+
+
+# ------------------------------------------------------------------------------ faults section
+
+
+def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """``args.clients`` devices in closed loop for ``args.load_seconds`` over the middle link;
+    the cloud killed (SIGKILL) at a third of the run and restarted on its port at a half."""
+    import secrets
+    import threading
+
+    token = secrets.token_urlsafe(24)
+    net, policy = m["net"], m["policy"]
+    xt, _ = m["test"]
+    fl = flops_tables(net, xt)
+    rate = args.device_mflops * 1e6
+    link = LINKS[1]
+    bundle_dir = export_bundle(m, policy, [1], args.codec, root)
+    bundle = load_bundle(bundle_dir)
+    seg = bundle.segments[0]
+    srv = Served(bundle_dir, token)
+    port = srv.port
+    relay = LinkRelay(link, f"127.0.0.1:{port}")
+    records: list[tuple[float, float, bool, bool, str | None]] = []
+    lock = threading.Lock()
+    started = [0]
+    stop_at = time.monotonic() + args.load_seconds
+    t_begin = time.monotonic()
+
+    def flops(out: Any) -> float:
+        ex = int(out[1][0])
+        return fl["cum"][ex] if ex >= 0 else fl["cum"][0]
+
+    def client_loop(i: int) -> None:
+        dev = EmulatedDevice(lambda h, st: tuple(seg.module(h, st)), flops, rate)
+        client = TierClient(
+            relay.address,
+            token=token,
+            stage=1,
+            codec=args.codec,
+            timeout_s=args.deadline,
+            retry_after_s=1.0,
+            max_retry_after_s=4.0,
+        )
+        rt = TieredRuntime(dev, client, last_exit=0, state_size=bundle.state_size)
+        j = i
+        while time.monotonic() < stop_at:
+            x = xt[j % xt.shape[0]].unsqueeze(0)
+            j += args.clients
+            with lock:
+                started[0] += 1
+            t0 = time.monotonic()
+            try:
+                r = rt(x)
+                rec = (
+                    t0 - t_begin,
+                    time.monotonic() - t0,
+                    bool(r.offloaded[0]),
+                    bool(r.degraded[0]),
+                    None,
+                )
+            except Exception as exc:  # counted as failed, never lost
+                rec = (t0 - t_begin, time.monotonic() - t0, False, False, type(exc).__name__)
+            with lock:
+                records.append(rec)
+        client.close()
+
+    threads = [
+        threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)
+    ]
+    memory: list[tuple[float, float | None]] = []
+    kill_at, restart_at = args.load_seconds / 3, args.load_seconds / 2
+    for t in threads:
+        t.start()
+    killed = restarted = False
+    while time.monotonic() < stop_at:
+        now = time.monotonic() - t_begin
+        memory.append((now, srv.rss_mb()))
+        if not killed and now >= kill_at:
+            srv.kill()
+            killed = True
+            print(f"  faults: cloud killed at {now:.1f} s", flush=True)
+        if killed and not restarted and now >= restart_at:
+            srv = Served(bundle_dir, token, port)
+            restarted = True
+            print(f"  faults: cloud restarted at {time.monotonic() - t_begin:.1f} s", flush=True)
+        time.sleep(1.0)
+    for t in threads:
+        t.join(timeout=args.deadline + 30)
+    hung = sum(t.is_alive() for t in threads)
+    srv.stop()
+    relay.close()
+    sent = started[0]
+    answered = sum(1 for r in records if r[4] is None)
+    failed = sum(1 for r in records if r[4] is not None)
+
+    def phase(lo: float, hi: float) -> dict[str, Any]:
+        lat = [r[1] for r in records if lo <= r[0] < hi and r[4] is None]
+        deg = sum(1 for r in records if lo <= r[0] < hi and r[3])
+        return {"requests": len(lat), "degraded": deg, **(percentiles(lat) if lat else {})}
+
+    return {
+        "link": link.label,
+        "clients": args.clients,
+        "seconds": args.load_seconds,
+        "deadline_s": args.deadline,
+        "sent": sent,
+        "answered": answered,
+        "degraded": sum(1 for r in records if r[3]),
+        "offloaded": sum(1 for r in records if r[2]),
+        "failed": failed,
+        "lost": sent - answered - failed,
+        "hung_clients": hung,
+        "slowest_ms": 1e3 * max((r[1] for r in records), default=0.0),
+        "kill_at_s": kill_at,
+        "restart_at_s": restart_at,
+        "before": phase(0, kill_at),
+        "during": phase(kill_at, restart_at),
+        "after": phase(restart_at, args.load_seconds),
+        "server_rss_mb": memory,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    p.add_argument("--only", default="codecs,onnx", help="sections: codecs,onnx")
+    p.add_argument(
+        "--only", default="codecs,onnx,links,faults", help="sections: codecs,onnx,links,faults"
+    )
+    p.add_argument("--codec", default="int8", choices=sorted(CODECS), help="codec on the wire")
+    p.add_argument("--delta", type=float, default=0.005, help="accuracy loss allowed (fraction)")
+    p.add_argument(
+        "--device-mflops",
+        type=float,
+        default=50.0,
+        help="the emulated device's speed, MFLOP/s (compute-bound; default 50)",
+    )
+    p.add_argument("--link-samples", type=int, default=300, help="test images per system/link")
+    p.add_argument("--clients", type=int, default=64, help="load test: concurrent devices")
+    p.add_argument("--load-seconds", type=float, default=60.0, help="load test: duration")
+    p.add_argument("--deadline", type=float, default=0.5, help="load test: seconds per call")
+    p.add_argument("--bundle-dir", default="results/tiers-bundles", help="exported segments")
     p.add_argument("--modes", default=",".join(MODES), help=f"runtime modes ({','.join(MODES)})")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -226,6 +620,76 @@ def main(argv: list[str] | None = None) -> int:
                     f"onnx, the network as one graph: {f:.0f} µs at batch 1 "
                     f"({r['plain_us_per_sample_batch1'] / f:.2f}x the plain backbone's)"
                 )
+    root = Path(args.bundle_dir)
+    if "links" in sections:
+        out["links"], out["link_costs"] = [], {}
+        for m in models:
+            r = links_section(m, args, root)
+            out["links"] += r["rows"]
+            out["link_costs"][m["name"]] = r["costs"]
+        print(
+            format_table(
+                [
+                    "dataset",
+                    "link",
+                    "system",
+                    "split",
+                    "mean ms",
+                    "p50",
+                    "p95",
+                    "p99",
+                    "pred. mean",
+                    "pred. p95",
+                    "bytes/req",
+                    "offload",
+                    "accuracy",
+                    "req/s",
+                ],
+                [
+                    [
+                        r["dataset"],
+                        r["link"],
+                        r["system"],
+                        r["split"],
+                        f"{r['mean_ms']:.1f}",
+                        f"{r['p50_ms']:.1f}",
+                        f"{r['p95_ms']:.1f}",
+                        f"{r['p99_ms']:.1f}",
+                        f"{r['predicted_mean_ms']:.1f}" if "predicted_mean_ms" in r else "",
+                        f"{r['predicted_p95_ms']:.1f}" if "predicted_p95_ms" in r else "",
+                        f"{r['bytes_per_request']:.0f}",
+                        f"{r['offload_ratio']:.3f}",
+                        f"{r['accuracy']:.4f}",
+                        f"{r['throughput_per_s']:.0f}",
+                    ]
+                    for r in out["links"]
+                ],
+            )
+        )
+    if "faults" in sections:
+        m = next((m for m in models if m["name"] == "fashion-mnist"), models[0])
+        f = faults_section(m, args, root)
+        out["faults"] = f
+        print(
+            f"faults ({m['name']}, {f['link']}, {f['clients']} clients, {f['seconds']:.0f} s, "
+            f"cloud killed at {f['kill_at_s']:.0f} s, restarted at {f['restart_at_s']:.0f} s): "
+            f"sent {f['sent']}, answered {f['answered']}, degraded {f['degraded']}, failed "
+            f"{f['failed']}, lost {f['lost']}, hung clients {f['hung_clients']}, slowest "
+            f"{f['slowest_ms']:.0f} ms"
+        )
+        for ph in ("before", "during", "after"):
+            q = f[ph]
+            print(
+                f"  {ph}: {q['requests']} answered, {q['degraded']} degraded; "
+                + (
+                    f"p50 {q['p50_ms']:.1f} ms, p95 {q['p95_ms']:.1f}, p99 {q['p99_ms']:.1f}"
+                    if q["requests"]
+                    else ""
+                )
+            )
+        rss = [v for _, v in f["server_rss_mb"] if v is not None]
+        if rss:
+            print(f"  server memory: {min(rss):.0f}–{max(rss):.0f} MiB over the run")
     out["seconds"] = time.perf_counter() - t_start
     if args.json:
         print(f"wrote {files.write_json(Path(args.json), out)}")

@@ -72,6 +72,7 @@ def test_runtime_runs_inference_even_after_net_train(cnn, digits_x):
     assert net.training and not net.blocks[0].training and net.blocks[1].training
 
 
+@pytest.mark.slow  # 20 s of compilation; compile mode's equivalence stays in the default run
 def test_compile_raises_dynamo_limits_only_around_its_own_calls():
     import torch._dynamo.config as dc
 
@@ -233,6 +234,7 @@ def test_compiled_takes_standalone_path_for_inference_and_dynamo_otherwise(caplo
     assert sorted(c.kinds.values()) == ["dynamo", "dynamo", "standalone"]
 
 
+@pytest.mark.slow  # 30 s of compilation, one per bucket
 def test_compiled_runtime_compiles_each_bucket_once():
     net = MODELS["resnet"](8, 10).eval()
     x = torch.rand(40, 1, 8, 8)

@@ -81,7 +81,8 @@ def server_for_bundle(
 ) -> Any:
     """The :class:`~offramp.tiers.server.TierServer` of one segment of a bundle (not
     started). ``segment`` defaults to the last for ``tier="cloud"``, the second for
-    ``"edge"``."""
+    ``"edge"``; a bundle of one segment (exported without a split) is served whole, the
+    device sending its input."""
     from offramp.export import load_bundle
     from offramp.tiers.client import AsyncTierClient
     from offramp.tiers.server import ServerConfig, TensorSpec, TierServer
@@ -91,7 +92,7 @@ def server_for_bundle(
     bundle = load_bundle(bundle_dir, threads=threads)
     n = len(bundle.segments)
     k = segment if segment is not None else (n - 1 if tier == "cloud" else 1)
-    if not 1 <= k < n:
+    if not (1 if n > 1 else 0) <= k < n:  # one segment: the whole network on the server
         raise ConfigError(
             f"segment {k} is not a server's: {bundle_dir} has segments 0 … {n - 1}, and "
             "segment 0 runs on the device"

@@ -64,7 +64,8 @@ class TieredRuntime:
     Args:
         segment: the device segment, ``(h, state) -> (logits, exits, rows, *h, state)`` — a
             :class:`~offramp.export.Segment` or a bundle's first
-            :class:`~offramp.export.LoadedSegment`.
+            :class:`~offramp.export.LoadedSegment`; a final segment (``(logits, exits)``:
+            the whole network) answers everything on the device.
         client: the next tier's :class:`~offramp.tiers.client.TierClient` (``None``: every
             forwarded row answered degraded — the device alone).
         last_exit: the device's last exit (a degraded row's exit).
@@ -148,7 +149,8 @@ class TieredRuntime:
         n = x.shape[0]
         state = torch.zeros((n, self.state_size), dtype=torch.long)
         out = tuple(self.segment(x, state))
-        logits, exits, rows = out[0].clone(), out[1].clone(), out[2]
+        logits, exits = out[0].clone(), out[1].clone()
+        rows = out[2] if len(out) > 2 else exits[:0]  # a final segment: the device alone
         offloaded = torch.zeros(n, dtype=torch.bool)
         degraded = torch.zeros(n, dtype=torch.bool)
         sent, error = 0, None
