@@ -29,10 +29,21 @@ from offramp.tiers import TierClient, TieredRuntime
 class Served:
     """An ``offramp serve`` process on 127.0.0.1 (``port`` 0: any free one)."""
 
-    def __init__(self, bundle: Path, token: str, port: int = 0, *, max_wait_ms: float = 1.0):
-        self.bundle, self.token = bundle, token
+    def __init__(
+        self,
+        bundle: Path,
+        token: str,
+        port: int = 0,
+        *,
+        max_wait_ms: float = 1.0,
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+    ):
+        self.bundle, self.token, self.host = bundle, token, host
         env = {**os.environ, "OFFRAMP_TOKEN": token}
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         cmd = [
+            *prefix,
             sys.executable,
             "-m",
             "offramp.cli",
@@ -41,12 +52,14 @@ class Served:
             "--tier",
             "cloud",
             "--bind",
-            f"127.0.0.1:{port}",
+            f"{host}:{port}",
             "--max-wait-ms",
             str(max_wait_ms),
             "--threads",
             "1",
         ]
+        if host != "127.0.0.1":
+            cmd.append("--allow-plaintext-remote")  # the benchmark's private veth link
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
@@ -56,6 +69,11 @@ class Served:
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise RuntimeError(f"offramp serve did not start: {line!r} {err[-2000:]}")
         self.port = int(line.split()[2].rsplit(":", 1)[1])
+
+    @property
+    def target(self) -> str:
+        """``host:port`` to dial."""
+        return f"{self.host}:{self.port}"
 
     def rss_mb(self) -> float | None:
         """Resident memory of the server process, MiB (None once it has exited)."""

@@ -23,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import _netns
 from _common import cnn_fit_config, dataset_root
 from _tiers import (
     EmulatedDevice,
@@ -241,134 +243,170 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
     fl = flops_tables(net, xs)
     rate = args.device_mflops * 1e6
     never = ThresholdPolicy.never(e)
-    servers: dict[Path, Served] = {}
+    servers: dict[tuple[Path, str | None], Served] = {}
+    where: dict[str, Any] = {"ns": None, "host": "127.0.0.1"}  # the link's namespace, if any
 
     def serve(bundle: Path) -> Served:
-        if bundle not in servers:
-            servers[bundle] = Served(bundle, token)
-        return servers[bundle]
+        key = (bundle, where["ns"])
+        if key not in servers:
+            servers[key] = Served(bundle, token, netns=where["ns"], host=where["host"])
+        return servers[key]
 
     rows: list[dict[str, Any]] = []
     plain_module = EarlyExitRuntime(net, never).plain_backbone()
+    full_record = ExitRecord.collect(net, (xt, yt))
+    plain_full = float(full_record.exit_accuracy()[-1])
     try:
         first = serve(export_bundle(m, m["policy"], [1], args.codec, root))
         costs = measure_tier_costs(m, fl, rate, args.codec, first)
-        whole_cloud = serve(export_bundle(m, never, [], "fp32", root))
-        for link in LINKS:
-            t_link = time.perf_counter()
-            planned = plan(m["record"], costs, link, delta=args.delta, objective="p95")
-            flat = plan(m["record"], costs, link, delta=args.delta, exits=False, objective="p95")
-            systems: dict[str, tuple[Any, dict[str, Any]]] = {}
-
-            def device_only(policy: Any) -> Any:
-                bundle = load_bundle(export_bundle(m, policy, [], args.codec, root))
-                seg = bundle.segments[0]
-                dev = EmulatedDevice(
-                    lambda h, st: tuple(seg.module(h, st)),
-                    lambda out: fl["cum"][int(out[1][0])],
-                    rate,
+        whole = export_bundle(m, never, [], "fp32", root)
+        for index, link in enumerate(LINKS):
+            stack = contextlib.ExitStack()
+            if args.kernel_shaping:  # bandwidth by tc tbf on a veth pair, latency by the relay
+                where["ns"], where["host"] = stack.enter_context(
+                    _netns.shaped(link.bandwidth_bps, index)
                 )
-                return tiered_answer(
-                    TieredRuntime(dev, None, last_exit=e - 1, state_size=bundle.state_size)
+            relay_link = Link(1e12, link.latency_s) if args.kernel_shaping else link
+            try:
+                t_link = time.perf_counter()
+                planned = plan(m["record"], costs, link, delta=args.delta, objective=args.objective)
+                flat = plan(
+                    m["record"],
+                    costs,
+                    link,
+                    delta=args.delta,
+                    exits=False,
+                    objective=args.objective,
                 )
+                systems: dict[str, tuple[Any, dict[str, Any]]] = {}
 
-            relays: list[LinkRelay] = []
-
-            def split_system(
-                policy: Any, k: int, exits: bool, link: Link = link, relays: list = relays
-            ) -> tuple[Any, LinkRelay]:
-                codec = args.codec
-                bundle_dir = export_bundle(m, policy, [k], codec, root)
-                bundle = load_bundle(bundle_dir)
-                srv = serve(bundle_dir)
-                relay = LinkRelay(link, f"127.0.0.1:{srv.port}")
-                relays.append(relay)
-                seg = bundle.segments[0]
-
-                def flops(out: Any) -> float:
-                    if not exits:
-                        return fl["bodies"][k]
-                    ex = int(out[1][0])
-                    return fl["cum"][ex] if ex >= 0 else fl["cum"][k - 1]
-
-                dev = EmulatedDevice(lambda h, st: tuple(seg.module(h, st)), flops, rate)
-                client = TierClient(relay.address, token=token, stage=k, codec=codec, timeout_s=5.0)
-                rt = TieredRuntime(dev, client, last_exit=k - 1, state_size=bundle.state_size)
-                return tiered_answer(rt), relay
-
-            def cloud_system(
-                bundle_dir: Path, link: Link = link, relays: list = relays
-            ) -> tuple[Any, LinkRelay]:
-                srv = serve(bundle_dir)
-                relay = LinkRelay(link, f"127.0.0.1:{srv.port}")
-                relays.append(relay)
-                client = TierClient(relay.address, token=token, stage=0, timeout_s=5.0)
-                return cloud_answer(client), relay
-
-            # ours: exits, the planned split, int8 on the wire
-            k = planned.split
-            if k == e:
-                ours, relay = device_only(planned.policy), None
-            elif k == 0:
-                ours, relay = cloud_system(export_bundle(m, planned.policy, [], "fp32", root))
-            else:
-                ours, relay = split_system(planned.policy, k, True)
-            systems["tiered (exits + split)"] = (
-                ours,
-                {"split": k, "relay": relay, "plan": planned},
-            )
-            plain_dev = EmulatedDevice(plain_module, lambda out: fl["plain"], rate)
-            systems["all on device"] = (
-                lambda x, dev=plain_dev: (int(dev(x)[0].argmax()), False),
-                {"split": e, "relay": None},
-            )
-            cloud, crelay = cloud_system(whole_cloud.bundle)
-            systems["all in the cloud"] = (cloud, {"split": 0, "relay": crelay})
-            kf = flat.split
-            if kf == e:
-                best, brelay = systems["all on device"][0], None
-            elif kf == 0:
-                best, brelay = cloud, crelay
-            else:
-                best, brelay = split_system(never, kf, False)
-            systems["best split, no exits"] = (best, {"split": kf, "relay": brelay})
-            for name, (answer, info) in systems.items():
-                relay = info["relay"]
-                before = dict(relay.bytes) if relay is not None else {"up": 0, "down": 0}
-                r = time_requests(answer, xs, ys)
-                after = relay.bytes if relay is not None else {"up": 0, "down": 0}
-                sent = (after["up"] - before["up"]) + (after["down"] - before["down"])
-                row = {
-                    "dataset": m["name"],
-                    "link": link.label,
-                    "system": name,
-                    "split": info["split"],
-                    **r,
-                    "bytes_per_request": sent / len(xs),
-                }
-                if "plan" in info:
-                    p = info["plan"]
-                    ex = decide_from_logits(p.policy, ExitRecord.collect(net, (xs, ys)).logits)
-                    pred = sample_latencies(ex.numpy(), costs, link, p.split)
-                    row.update(
-                        offload_ratio=float((ex >= p.split).double().mean())
-                        if p.split < e
-                        else 0.0,
-                        thresholds=list(getattr(p.policy, "thresholds", ())),
-                        plan_val_mean_ms=1e3 * p.mean_s,
-                        plan_val_p95_ms=1e3 * p.p95_s,
-                        predicted_mean_ms=1e3 * float(pred.mean()),
-                        predicted_p95_ms=1e3 * float(np.quantile(pred, 0.95)),
+                def device_only(policy: Any) -> Any:
+                    bundle = load_bundle(export_bundle(m, policy, [], args.codec, root))
+                    seg = bundle.segments[0]
+                    dev = EmulatedDevice(
+                        lambda h, st: tuple(seg.module(h, st)),
+                        lambda out: fl["cum"][int(out[1][0])],
+                        rate,
                     )
+                    return tiered_answer(
+                        TieredRuntime(dev, None, last_exit=e - 1, state_size=bundle.state_size)
+                    )
+
+                relays: list[LinkRelay] = []
+
+                def split_system(
+                    policy: Any,
+                    k: int,
+                    exits: bool,
+                    relay_link: Link = relay_link,
+                    relays: list = relays,
+                ) -> tuple[Any, LinkRelay]:
+                    codec = args.codec
+                    bundle_dir = export_bundle(m, policy, [k], codec, root)
+                    bundle = load_bundle(bundle_dir)
+                    srv = serve(bundle_dir)
+                    relay = LinkRelay(relay_link, srv.target)
+                    relays.append(relay)
+                    seg = bundle.segments[0]
+
+                    def flops(out: Any) -> float:
+                        if not exits:
+                            return fl["bodies"][k]
+                        ex = int(out[1][0])
+                        return fl["cum"][ex] if ex >= 0 else fl["cum"][k - 1]
+
+                    dev = EmulatedDevice(lambda h, st: tuple(seg.module(h, st)), flops, rate)
+                    client = TierClient(
+                        relay.address, token=token, stage=k, codec=codec, timeout_s=5.0
+                    )
+                    rt = TieredRuntime(dev, client, last_exit=k - 1, state_size=bundle.state_size)
+                    return tiered_answer(rt), relay
+
+                def cloud_system(
+                    bundle_dir: Path, relay_link: Link = relay_link, relays: list = relays
+                ) -> tuple[Any, LinkRelay]:
+                    srv = serve(bundle_dir)
+                    relay = LinkRelay(relay_link, srv.target)
+                    relays.append(relay)
+                    client = TierClient(relay.address, token=token, stage=0, timeout_s=5.0)
+                    return cloud_answer(client), relay
+
+                # ours: exits, the planned split, int8 on the wire
+                k = planned.split
+                if k == e:
+                    ours, relay = device_only(planned.policy), None
+                elif k == 0:
+                    ours, relay = cloud_system(export_bundle(m, planned.policy, [], "fp32", root))
                 else:
-                    row["offload_ratio"] = 1.0 if info["split"] < e else 0.0
-                rows.append(row)
-            for relay in relays:
-                relay.close()
-            print(
-                f"  links {m['name']} {link.label}: {time.perf_counter() - t_link:.0f} s",
-                flush=True,
-            )
+                    ours, relay = split_system(planned.policy, k, True)
+                systems["tiered (exits + split)"] = (
+                    ours,
+                    {"split": k, "relay": relay, "plan": planned},
+                )
+                plain_dev = EmulatedDevice(plain_module, lambda out: fl["plain"], rate)
+                systems["all on device"] = (
+                    lambda x, dev=plain_dev: (int(dev(x)[0].argmax()), False),
+                    {"split": e, "relay": None},
+                )
+                cloud, crelay = cloud_system(whole)
+                systems["all in the cloud"] = (cloud, {"split": 0, "relay": crelay})
+                kf = flat.split
+                if kf == e:
+                    best, brelay = systems["all on device"][0], None
+                elif kf == 0:
+                    best, brelay = cloud, crelay
+                else:
+                    best, brelay = split_system(never, kf, False)
+                systems["best split, no exits"] = (best, {"split": kf, "relay": brelay})
+                for name, (answer, info) in systems.items():
+                    relay = info["relay"]
+                    before = dict(relay.bytes) if relay is not None else {"up": 0, "down": 0}
+                    r = time_requests(answer, xs, ys)
+                    after = relay.bytes if relay is not None else {"up": 0, "down": 0}
+                    sent = (after["up"] - before["up"]) + (after["down"] - before["down"])
+                    row = {
+                        "dataset": m["name"],
+                        "link": link.label,
+                        "system": name,
+                        "split": info["split"],
+                        **r,
+                        "bytes_per_request": sent / len(xs),
+                    }
+                    if "plan" in info:
+                        p = info["plan"]
+                        ex = decide_from_logits(p.policy, ExitRecord.collect(net, (xs, ys)).logits)
+                        # accuracy on all 10,000 test images (simulation = runtime, tested)
+                        full = decide_from_logits(p.policy, full_record.logits)
+                        row["accuracy_full_test"] = full_record.accuracy(full.numpy())
+                        row["accuracy_drop_pp_full_test"] = 100 * (
+                            plain_full - row["accuracy_full_test"]
+                        )
+                        pred = sample_latencies(ex.numpy(), costs, link, p.split)
+                        row.update(
+                            offload_ratio=float((ex >= p.split).double().mean())
+                            if p.split < e
+                            else 0.0,
+                            thresholds=list(getattr(p.policy, "thresholds", ())),
+                            plan_val_mean_ms=1e3 * p.mean_s,
+                            plan_val_p95_ms=1e3 * p.p95_s,
+                            predicted_mean_ms=1e3 * float(pred.mean()),
+                            predicted_p95_ms=1e3 * float(np.quantile(pred, 0.95)),
+                        )
+                    else:
+                        row["offload_ratio"] = 1.0 if info["split"] < e else 0.0
+                        row["accuracy_full_test"] = plain_full  # the plain network's
+                    rows.append(row)
+                for relay in relays:
+                    relay.close()
+                print(
+                    f"  links {m['name']} {link.label}: {time.perf_counter() - t_link:.0f} s",
+                    flush=True,
+                )
+            finally:
+                for key in [key for key in servers if key[1] is not None]:
+                    servers.pop(key).stop()
+                where["ns"], where["host"] = None, "127.0.0.1"
+                stack.close()
     finally:
         for srv in servers.values():
             srv.stop()
@@ -381,6 +419,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
             "up_bytes": list(costs.up_bytes),
             "down_bytes": costs.down_bytes,
             "device_mflops": args.device_mflops,
+            "kernel_shaping": bool(args.kernel_shaping),
         },
     }
 
@@ -464,10 +503,12 @@ def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> d
         if not killed and now >= kill_at:
             srv.kill()
             killed = True
+            kill_at = now
             print(f"  faults: cloud killed at {now:.1f} s", flush=True)
         if killed and not restarted and now >= restart_at:
             srv = Served(bundle_dir, token, port)
             restarted = True
+            restart_at = time.monotonic() - t_begin  # serving again from here
             print(f"  faults: cloud restarted at {time.monotonic() - t_begin:.1f} s", flush=True)
         time.sleep(1.0)
     for t in threads:
@@ -478,6 +519,10 @@ def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> d
     sent = started[0]
     answered = sum(1 for r in records if r[4] is None)
     failed = sum(1 for r in records if r[4] is not None)
+
+    resumed = min(
+        (r[0] + r[1] for r in records if r[0] >= restart_at and r[2] and not r[3]), default=None
+    )
 
     def phase(lo: float, hi: float) -> dict[str, Any]:
         lat = [r[1] for r in records if lo <= r[0] < hi and r[4] is None]
@@ -499,6 +544,7 @@ def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> d
         "slowest_ms": 1e3 * max((r[1] for r in records), default=0.0),
         "kill_at_s": kill_at,
         "restart_at_s": restart_at,
+        "offloading_resumed_s_after_restart": None if resumed is None else resumed - restart_at,
         "before": phase(0, kill_at),
         "during": phase(kill_at, restart_at),
         "after": phase(restart_at, args.load_seconds),
@@ -521,9 +567,20 @@ def main(argv: list[str] | None = None) -> int:
         help="the emulated device's speed, MFLOP/s (compute-bound; default 50)",
     )
     p.add_argument("--link-samples", type=int, default=300, help="test images per system/link")
+    p.add_argument(
+        "--objective",
+        default="mean+p95",
+        choices=["mean", "p95", "mean+p95"],
+        help="what the planner minimises (default: mean + p95)",
+    )
     p.add_argument("--clients", type=int, default=64, help="load test: concurrent devices")
     p.add_argument("--load-seconds", type=float, default=60.0, help="load test: duration")
     p.add_argument("--deadline", type=float, default=0.5, help="load test: seconds per call")
+    p.add_argument(
+        "--kernel-shaping",
+        action="store_true",
+        help="links: bandwidth by tc tbf on a veth pair into a network namespace (root)",
+    )
     p.add_argument("--bundle-dir", default="results/tiers-bundles", help="exported segments")
     p.add_argument("--modes", default=",".join(MODES), help=f"runtime modes ({','.join(MODES)})")
     p.add_argument("--epochs", type=int, default=10)
@@ -660,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{r['bytes_per_request']:.0f}",
                         f"{r['offload_ratio']:.3f}",
                         f"{r['accuracy']:.4f}",
+                        f"{r['accuracy_full_test']:.4f}",
                         f"{r['throughput_per_s']:.0f}",
                     ]
                     for r in out["links"]
@@ -675,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
             f"cloud killed at {f['kill_at_s']:.0f} s, restarted at {f['restart_at_s']:.0f} s): "
             f"sent {f['sent']}, answered {f['answered']}, degraded {f['degraded']}, failed "
             f"{f['failed']}, lost {f['lost']}, hung clients {f['hung_clients']}, slowest "
-            f"{f['slowest_ms']:.0f} ms"
+            f"{f['slowest_ms']:.0f} ms; offloading resumed "
+            f"{f['offloading_resumed_s_after_restart']} s after the restart"
         )
         for ph in ("before", "during", "after"):
             q = f[ph]

@@ -58,7 +58,9 @@ def test_the_planner_keeps_work_local_on_a_slow_link_and_offloads_on_a_fast_one(
     assert plain.mean_s > fast.mean_s  # exits pay off
     by_p95 = plan(rec, costs, Link(1e9, 0.0005), objective="p95")
     assert by_p95.p95_s <= min(r["p95_s"] for r in by_p95.table) + 1e-12
-    with pytest.raises(ConfigError, match="objective"):
+    both = plan(rec, costs, Link(1e9, 0.0005), objective="mean+p95")
+    assert both.mean_s + both.p95_s <= min(r["mean_s"] + r["p95_s"] for r in both.table) + 1e-12
+    with pytest.raises(ConfigError, match="objective is one of"):
         plan(rec, costs, Link(1e6, 0.0), objective="p99")
 
 
