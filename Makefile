@@ -35,7 +35,12 @@ demo: $(BIN)/.deps-demo
 test: $(BIN)/.deps-dev
 	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) -m pytest -m "not slow" -q src tests
 
-test-slow: $(BIN)/.deps-dev
+# the slow tests include the Ray Serve tier: the heavy ray extra is installed for them only
+$(BIN)/.deps-ray: pyproject.toml $(BIN)/.deps-dev
+	$(PIP) install -e '.[all,dev,ray]'
+	touch $@
+
+test-slow: $(BIN)/.deps-ray
 	OFFRAMP_DATA=$${OFFRAMP_DATA:-$(DATA)} $(PY) -m pytest -m slow -q tests
 
 lint: $(BIN)/.deps-dev

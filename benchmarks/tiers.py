@@ -269,7 +269,14 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
             relay_link = Link(1e12, link.latency_s) if args.kernel_shaping else link
             try:
                 t_link = time.perf_counter()
-                planned = plan(m["record"], costs, link, delta=args.delta, objective=args.objective)
+                planned = plan(
+                    m["record"],
+                    costs,
+                    link,
+                    delta=args.delta,
+                    objective=args.objective,
+                    confidence=args.confidence,
+                )
                 flat = plan(
                     m["record"],
                     costs,
@@ -552,6 +559,55 @@ def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> d
     }
 
 
+def links_table(rows: list[dict[str, Any]]) -> str:
+    """The links section as a text table."""
+    return format_table(
+        [
+            "dataset",
+            "link",
+            "system",
+            "split",
+            "mean ms",
+            "p50",
+            "p95",
+            "p99",
+            "pred. mean",
+            "pred. p95",
+            "bytes/req",
+            "offload",
+            "accuracy",
+            "acc. 10k",
+            "req/s",
+        ],
+        [
+            [
+                r["dataset"],
+                r["link"],
+                r["system"],
+                r["split"],
+                f"{r['mean_ms']:.1f}",
+                f"{r['p50_ms']:.1f}",
+                f"{r['p95_ms']:.1f}",
+                f"{r['p99_ms']:.1f}",
+                f"{r['predicted_mean_ms']:.1f}" if "predicted_mean_ms" in r else "",
+                f"{r['predicted_p95_ms']:.1f}" if "predicted_p95_ms" in r else "",
+                f"{r['bytes_per_request']:.0f}",
+                f"{r['offload_ratio']:.3f}",
+                f"{r['accuracy']:.4f}",
+                f"{r['accuracy_full_test']:.4f}",
+                f"{r['throughput_per_s']:.0f}",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def save(out: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write what has been measured so far (atomically), when ``--json`` was given."""
+    if args.json:
+        files.write_json(Path(args.json), out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -560,6 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--codec", default="int8", choices=sorted(CODECS), help="codec on the wire")
     p.add_argument("--delta", type=float, default=0.005, help="accuracy loss allowed (fraction)")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        help="the planner's thresholds keep --delta at this one-sided confidence on validation",
+    )
+    p.add_argument("--datasets", default="mnist,fashion-mnist", help="networks to measure")
     p.add_argument(
         "--device-mflops",
         type=float,
@@ -592,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     sections = set(args.only.split(","))
     t_start = time.perf_counter()
-    models = [m for m in (trained(n, args) for n in NETWORKS) if m is not None]
+    names = [n for n in args.datasets.split(",") if n in NETWORKS]
+    models = [m for m in (trained(n, args) for n in names) if m is not None]
     if not models:
         print("no dataset found: nothing measured", file=sys.stderr)
         return 1
@@ -611,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if "codecs" in sections:
         rows = codecs_section(models)
         out["codecs"] = rows
+        save(out, args)
         print(
             format_table(
                 [
@@ -643,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     if "onnx" in sections and models[0]["name"] == "mnist":
         rows = onnx_section(models[0], args.modes.split(","))
         out["onnx"] = rows
+        save(out, args)
         print(
             format_table(
                 [
@@ -684,50 +750,13 @@ def main(argv: list[str] | None = None) -> int:
             r = links_section(m, args, root)
             out["links"] += r["rows"]
             out["link_costs"][m["name"]] = r["costs"]
-        print(
-            format_table(
-                [
-                    "dataset",
-                    "link",
-                    "system",
-                    "split",
-                    "mean ms",
-                    "p50",
-                    "p95",
-                    "p99",
-                    "pred. mean",
-                    "pred. p95",
-                    "bytes/req",
-                    "offload",
-                    "accuracy",
-                    "req/s",
-                ],
-                [
-                    [
-                        r["dataset"],
-                        r["link"],
-                        r["system"],
-                        r["split"],
-                        f"{r['mean_ms']:.1f}",
-                        f"{r['p50_ms']:.1f}",
-                        f"{r['p95_ms']:.1f}",
-                        f"{r['p99_ms']:.1f}",
-                        f"{r['predicted_mean_ms']:.1f}" if "predicted_mean_ms" in r else "",
-                        f"{r['predicted_p95_ms']:.1f}" if "predicted_p95_ms" in r else "",
-                        f"{r['bytes_per_request']:.0f}",
-                        f"{r['offload_ratio']:.3f}",
-                        f"{r['accuracy']:.4f}",
-                        f"{r['accuracy_full_test']:.4f}",
-                        f"{r['throughput_per_s']:.0f}",
-                    ]
-                    for r in out["links"]
-                ],
-            )
-        )
+            save(out, args)  # nothing measured is lost to a later failure
+        print(links_table(out["links"]))
     if "faults" in sections:
         m = next((m for m in models if m["name"] == "fashion-mnist"), models[0])
         f = faults_section(m, args, root)
         out["faults"] = f
+        save(out, args)
         print(
             f"faults ({m['name']}, {f['link']}, {f['clients']} clients, {f['seconds']:.0f} s, "
             f"cloud killed at {f['kill_at_s']:.0f} s, restarted at {f['restart_at_s']:.0f} s): "

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from offramp import EarlyExitRuntime, ExitRecord
+from offramp import EarlyExitRuntime, ExitRecord, ThresholdPolicy
 from offramp.errors import ConfigError, ConversionError, DataError
 from offramp.export import (
     MANIFEST,
@@ -20,7 +20,8 @@ from offramp.export import (
 from offramp.models import blenet
 from offramp.training import FitConfig, fit
 
-# the policy battery: the same nine policies, calibrated on validation
+# the families and the policy battery: the same nine policies, calibrated on validation
+from .families import FAMILIES
 from .test_policies_battery import POLICY_NAMES, _policies
 
 onnx_missing = None
@@ -222,3 +223,24 @@ def test_rows_that_go_on_carry_their_last_local_exit_as_a_fallback(digits):
             left = ~going
             for e in exits[left].unique().tolist():
                 torch.testing.assert_close(logits[exits == e], every[e][exits == e])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_torchscript_segments_of_every_family_decide_as_eager(family, tmp_path):
+    """CNNs, a ViT, a text transformer with a padding mask, GRUs and LSTMs: cut after their
+    first exit, traced with compaction inside, the same decisions as the runtime."""
+    from offramp.policies import exit_scores
+
+    make, data = FAMILIES[family]
+    net, x = make().eval(), data()
+    with torch.no_grad():
+        scores = exit_scores(torch.stack(tuple(net(x))), "max_prob")
+    policy = ThresholdPolicy(
+        "max_prob", tuple(float(scores[i].median()) for i in range(net.num_exits - 1))
+    )
+    want = EarlyExitRuntime(net, policy)(x)
+    splits = [1] if net.num_exits > 2 else []
+    export_segments(net, policy, tmp_path, x[:8], splits=splits, fmt="torchscript")
+    logits, exits = load_bundle(tmp_path).run(x)
+    assert torch.equal(exits, want.exits)
+    torch.testing.assert_close(logits, want.logits, rtol=1e-4, atol=1e-5)
