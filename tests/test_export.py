@@ -146,7 +146,7 @@ def test_bundle_refuses_changed_missing_and_malformed_files(digits, tmp_path):
         load_bundle(tmp_path)
     seg.write_bytes(data)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    manifest["segments"][0]["file"] = "../elsewhere.pt"
+    manifest["segments"][0]["files"][0]["file"] = "../elsewhere.pt"
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="is missing"):
         load_bundle(tmp_path)
@@ -244,3 +244,48 @@ def test_torchscript_segments_of_every_family_decide_as_eager(family, tmp_path):
     logits, exits = load_bundle(tmp_path).run(x)
     assert torch.equal(exits, want.exits)
     torch.testing.assert_close(logits, want.logits, rtol=1e-4, atol=1e-5)
+
+
+def _median_policy(net, x):
+    """Thresholds halfway between the two middle scores of each exit: half the rows leave,
+    and no row sits within float32 rounding of a threshold (ONNX Runtime's fused kernels
+    differ from eager by ~1e-7, which could flip a row exactly on it)."""
+    from offramp.policies import exit_scores
+
+    with torch.no_grad():
+        scores = exit_scores(torch.stack(tuple(net(x))), "max_prob")
+    mids = []
+    for i in range(net.num_exits - 1):
+        s = scores[i].sort().values
+        k = len(s) // 2
+        mids.append(float(s[k - 1] + s[k]) / 2)
+    return ThresholdPolicy("max_prob", tuple(mids))
+
+
+def _onnx_family(family, tmp_path):
+    make, data = FAMILIES[family]
+    net, x = make().eval(), data()
+    policy = _median_policy(net, x)
+    want = EarlyExitRuntime(net, policy)(x)
+    path = export_segments(net, policy, tmp_path, x[:8], splits=[1], fmt="onnx")
+    bundle = load_bundle(tmp_path)
+    logits, exits = bundle.run(x)
+    assert torch.equal(exits, want.exits)
+    torch.testing.assert_close(logits, want.logits, rtol=1e-4, atol=1e-5)
+    for n in (1, 3):
+        assert torch.equal(bundle.run(x[:n])[1], want.exits[:n])
+    return [s["form"] for s in json.loads(path.read_text())["segments"]]
+
+
+@needs_onnx
+def test_a_segment_that_is_not_one_onnx_graph_is_exported_stage_by_stage(tmp_path):
+    # ResNet's batch norm cannot take a data-dependent row count inside one graph
+    forms = _onnx_family("resnet", tmp_path)
+    assert "staged" in forms
+
+
+@needs_onnx
+@pytest.mark.slow  # about a minute of ONNX export
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_onnx_segments_of_every_family_decide_as_eager(family, tmp_path):
+    _onnx_family(family, tmp_path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from offramp.activations import Activation
 from offramp.errors import ConfigError, ConversionError, DataError
 from offramp.export.onnx import OrtModule, max_difference, to_onnx
-from offramp.export.segment import Segment, segments
+from offramp.export.segment import Segment, StagedSegment, segments
 from offramp.files import read_json, write_bytes, write_json
 from offramp.network import MultiExitNetwork, input_dtype
 from offramp.policies import ExitPolicy
@@ -47,6 +48,8 @@ __all__ = [
     "load_bundle",
     "segment_examples",
 ]
+
+_log = logging.getLogger("offramp.export")
 
 #: Export formats and their file suffixes.
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -121,6 +124,44 @@ def _torchscript(seg: Segment, example: tuple[Any, ...]) -> bytes:
     return buf.getvalue()
 
 
+def _check(seg: Segment, runner: Any, args: tuple[Any, ...], where: str, fmt: str) -> float:
+    """The largest difference of ``runner`` to the eager segment on ``args``; refused past
+    1e-4 (integer outputs — exits, rows — must be equal)."""
+    with torch.no_grad():
+        want, got = seg(*args), runner(*args)
+    diff = max_difference(tuple(got), tuple(want))
+    if not diff <= 1e-4:
+        raise ConversionError(
+            f"{where} exported to {fmt} differs from eager by {diff:.3g} on the example batch; "
+            "try the other format"
+        )
+    return diff
+
+
+def _onnx_staged(
+    seg: Segment, args: tuple[Any, ...], index: int
+) -> tuple[list[tuple[str, bytes, str | None]], StagedSegment]:
+    """Each stage of ``seg`` as its own ONNX graph (batch dynamic), and the segment that runs
+    them with compaction on the host."""
+    from torch.utils import _pytree as pytree
+
+    h, state = args
+    files: list[tuple[str, bytes, str | None]] = []
+    steps: list[nn.Module] = []
+    with torch.no_grad():
+        for j, step in enumerate(seg.steps):
+            data, spec = to_onnx(step, (h, state))
+            files.append((f"segment-{index}-stage-{j}.onnx", data, pytree.treespec_dumps(spec)))
+            steps.append(OrtModule(data, spec))
+            h, _, _, state = step(h, state)
+        final = None
+        if seg.final is not None:
+            data, spec = to_onnx(seg.final, (h,))
+            files.append((f"segment-{index}-final.onnx", data, pytree.treespec_dumps(spec)))
+            final = OrtModule(data, spec)
+    return files, StagedSegment(steps, final, seg.first)
+
+
 def export_segments(
     net: MultiExitNetwork,
     policy: ExitPolicy,
@@ -174,27 +215,35 @@ def export_segments(
     entries = []
     for i, (seg, (h, state)) in enumerate(zip(segs, examples, strict=True)):
         args = (h, state)
+        where = f"segment {i} (stages {seg.first}…{seg.last - 1})"
+        files: list[tuple[str, bytes, str | None]] = []  # (name, data, output structure)
+        form = "graph"
         if fmt == "onnx":
-            data, _ = to_onnx(seg, args)
-            runner: nn.Module = OrtModule(data)
+            try:
+                data, _ = to_onnx(seg, args)
+                diff = _check(seg, OrtModule(data), args, where, fmt)
+                files = [(f"segment-{i}.onnx", data, None)]
+            except ConversionError as exc:  # one graph with data-dependent rows: not for all
+                _log.info("%s as one ONNX graph: %s; exporting it stage by stage", where, exc)
+                form = "staged"
+                files, runner = _onnx_staged(seg, args, i)
+                diff = _check(seg, runner, args, where, fmt)
         else:
             data = _torchscript(seg, args)
-            runner = torch.jit.load(io.BytesIO(data))
-        with torch.no_grad():
-            want, got = seg(*args), runner(*args)
-        diff = max_difference(tuple(got), tuple(want))
-        if not diff <= 1e-4:
-            raise ConversionError(
-                f"segment {i} (stages {seg.first}…{seg.last - 1}) exported to {fmt} differs "
-                f"from eager by {diff:.3g} on the example batch; try the other format"
-            )
-        name = f"segment-{i}{FORMATS[fmt]}"
-        write_bytes(out / name, data)
+            diff = _check(seg, torch.jit.load(io.BytesIO(data)), args, where, fmt)
+            files = [(f"segment-{i}.pt", data, None)]
+        for name, data, _ in files:
+            write_bytes(out / name, data)
         entries.append(
             {
-                "file": name,
-                "sha256": _sha256(data),
-                "bytes": len(data),
+                "file": files[0][0],
+                "sha256": _sha256(files[0][1]),
+                "bytes": sum(len(d) for _, d, _ in files),
+                "form": form,
+                "files": [
+                    {"file": name, "sha256": _sha256(data), "out_spec": spec}
+                    for name, data, spec in files
+                ],
                 "stages": [seg.first, seg.last],
                 "final": seg.is_final,
                 "inputs": {"h": _describe(h), "state": _describe(state)},
@@ -283,6 +332,20 @@ class Bundle:
         return logits, exits
 
 
+def _verified(root: Path, name: str, digest: str) -> bytes:
+    """The bytes of ``root/name``, checked against ``digest``."""
+    file = root / name
+    if Path(name).name != name or not file.is_file():
+        raise DataError(f"{root}: segment file {name!r} is missing; re-export the bundle")
+    data = file.read_bytes()
+    if _sha256(data) != digest:
+        raise DataError(
+            f"{file}: checksum differs from the manifest's (changed or truncated since "
+            "export); re-export the bundle"
+        )
+    return data
+
+
 def load_bundle(path: str | Path, *, threads: int | None = None) -> Bundle:
     """The bundle in directory ``path`` (or at its ``manifest.json``), every file's checksum
     checked before it is loaded.
@@ -308,8 +371,10 @@ def load_bundle(path: str | Path, *, threads: int | None = None) -> Bundle:
             raise TypeError
         specs = [
             (
-                str(e["file"]),
-                str(e["sha256"]),
+                [(str(f["file"]), str(f["sha256"]), f.get("out_spec")) for f in e["files"]]
+                if "files" in e
+                else [(str(e["file"]), str(e["sha256"]), None)],
+                str(e.get("form", "graph")),
                 int(e["stages"][0]),
                 int(e["stages"][1]),
                 bool(e["final"]),
@@ -320,20 +385,26 @@ def load_bundle(path: str | Path, *, threads: int | None = None) -> Bundle:
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"{root / MANIFEST} is malformed ({exc!r}); re-export the bundle") from exc
     loaded = []
-    for name, digest, first, last, final in specs:
-        file = root / name
-        if Path(name).name != name or not file.is_file():
-            raise DataError(f"{root}: segment file {name!r} is missing; re-export the bundle")
-        data = file.read_bytes()
-        if _sha256(data) != digest:
-            raise DataError(
-                f"{file}: checksum differs from the manifest's (changed or truncated since "
-                "export); re-export the bundle"
-            )
-        module: Any = (
-            OrtModule(data, threads=threads)
-            if fmt == "onnx"
-            else torch.jit.load(io.BytesIO(data), map_location="cpu")
-        )
+    for parts, form, first, last, final in specs:
+        blobs = [(name, _verified(root, name, digest), spec) for name, digest, spec in parts]
+        module: Any
+        if form == "staged" and fmt == "onnx":
+            from torch.utils import _pytree as pytree
+
+            try:
+                mods = [
+                    OrtModule(data, pytree.treespec_loads(spec) if spec else None, threads=threads)
+                    for _, data, spec in blobs
+                ]
+            except (TypeError, ValueError, KeyError) as exc:
+                raise DataError(
+                    f"{root / MANIFEST}: a stage's output structure is malformed"
+                ) from exc
+            steps = mods[: last - first - (1 if final else 0)]
+            module = StagedSegment(steps, mods[-1] if final else None, first)
+        elif fmt == "onnx":
+            module = OrtModule(blobs[0][1], threads=threads)
+        else:
+            module = torch.jit.load(io.BytesIO(blobs[0][1]), map_location="cpu")
         loaded.append(LoadedSegment(module, first, last, final))
     return Bundle(m, loaded)

@@ -31,7 +31,7 @@ from offramp.network import MultiExitNetwork
 from offramp.policies import ExitPolicy
 from offramp.runtime.core import stage_modules
 
-__all__ = ["Segment", "check_splits", "segments"]
+__all__ = ["Segment", "StagedSegment", "check_splits", "segments"]
 
 
 class Segment(nn.Module):
@@ -84,6 +84,42 @@ class Segment(nn.Module):
             out = logits.new_zeros((n, logits.shape[1]))
         out = out.index_copy(0, rows, logits)
         exits = exits.index_copy(0, rows, torch.full_like(rows, self.last - 1))
+        return out, exits
+
+
+class StagedSegment(Segment):
+    """A segment whose stages are separate callables (each stage's own ONNX graph), compacted
+    between them on the host: the same outputs as :class:`Segment`, for networks whose stages
+    export one by one but not as one graph with data-dependent row counts. Stages are not
+    called once no row is left (some kernels refuse empty batches); the activation returned
+    with zero rows then has the shape of the stage the rows stopped at."""
+
+    def forward(self, h: Activation, state: Tensor) -> tuple[Tensor, ...]:
+        n = state.shape[0]
+        rows = torch.arange(n, device=state.device)
+        exits = torch.full_like(rows, -1)
+        out: Tensor | None = None
+        for i, step in enumerate(self.steps):
+            if rows.numel() == 0:
+                break
+            h, logits, leave, state = step(h, state)
+            if out is None:
+                out = logits.new_zeros((n, logits.shape[1]))
+            out[rows] = logits
+            gone = leave.nonzero().squeeze(1)
+            exits[rows[gone]] = self.first + i
+            stay = (~leave).nonzero().squeeze(1)
+            rows, h, state = rows[stay], select_rows(h, stay), state[stay]
+        if self.final is None:
+            assert out is not None
+            return out, exits, rows, *_members(h), state
+        if rows.numel():
+            logits = self.final(h)
+            if out is None:
+                out = logits.new_zeros((n, logits.shape[1]))
+            out[rows] = logits
+            exits[rows] = self.last - 1
+        assert out is not None
         return out, exits
 
 
