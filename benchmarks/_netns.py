@@ -64,7 +64,7 @@ def shaped(bandwidth_bps: float, index: int = 0) -> Iterator[tuple[str, str]]:
     net = f"10.{77 + index}.0"
     rate = f"{int(bandwidth_bps)}bit"
     # a bucket of at least one MTU, and about 5 ms of traffic
-    burst = f"{max(1600 * 8, int(bandwidth_bps * 0.005))}bit"
+    burst = str(max(1600, int(bandwidth_bps * 0.005 / 8)))  # bytes
     steps = [
         ("ip", "netns", "add", ns),
         ("ip", "link", "add", host, "type", "veth", "peer", "name", peer),
