@@ -424,3 +424,29 @@ def test_a_killed_cloud_process_degrades_nothing_is_lost_and_a_restart_resumes(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
     assert "stopped;" in out  # a graceful stop on SIGTERM
+
+
+def test_offramp_serve_refuses_unsafe_or_impossible_settings(
+    net_policy, tmp_path, monkeypatch, capsys
+):
+    from offramp.cli import main
+
+    net, policy, x = net_policy
+    export_segments(net, policy, tmp_path, x[:4], splits=[1], fmt="torchscript")
+    monkeypatch.delenv("OFFRAMP_TOKEN", raising=False)
+    assert main(["serve", str(tmp_path), "--tier", "cloud"]) == 2
+    assert "no token: set OFFRAMP_TOKEN" in capsys.readouterr().err
+    monkeypatch.setenv("OFFRAMP_TOKEN", TOKEN)
+    cases = [
+        (["--bind", "0.0.0.0:0"], "refusing to serve plaintext on 0.0.0.0"),
+        (["--bind", "nowhere"], "--bind takes HOST:PORT"),
+        (["--segment", "0"], "segment 0 runs on the device"),
+        (["--tls-cert", str(tmp_path / "c.pem")], "TLS needs both --tls-cert and --tls-key"),
+        (["--next", "127.0.0.1:1"], "ends with the final exit: there is no next tier"),
+    ]
+    for extra, words in cases:
+        assert main(["serve", str(tmp_path), "--tier", "cloud", *extra]) == 2, extra
+        assert words in capsys.readouterr().err, extra
+    monkeypatch.setenv("OFFRAMP_TOKEN", "short")
+    assert main(["serve", str(tmp_path), "--tier", "cloud"]) == 2
+    assert "16 characters or more" in capsys.readouterr().err
