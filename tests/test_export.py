@@ -64,8 +64,16 @@ def test_torchscript_bundle_decides_as_eager_for_every_policy(digits, name, tmp_
     torch.testing.assert_close(got_logits, logits, rtol=1e-4, atol=1e-5)
 
 
+# three policies in the default run (a threshold, a learned scorer, a stateful test), the
+# other six with -m slow: each ONNX export takes 5-8 s
+_QUICK = ("entropy", "learned", "patience2")
+
+
 @needs_onnx
-@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize(
+    "name",
+    [n if n in _QUICK else pytest.param(n, marks=pytest.mark.slow) for n in POLICY_NAMES],
+)
 def test_onnx_segment_decides_as_eager_for_every_policy(digits, name, tmp_path):
     net, val, x = digits
     policy = _policies(val)[name]

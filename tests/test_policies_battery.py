@@ -151,7 +151,15 @@ def test_calibrator_with_scorers_meets_its_constraint(trained):
         assert record.accuracy(simulate(record, cal.policy_).exits) == pytest.approx(cal.accuracy_)
 
 
-@pytest.mark.parametrize("name", ["max_prob+T", "learned", "patience1"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "patience1",
+        # 20-25 s of Inductor compilation each on a cold cache: run with -m slow
+        pytest.param("max_prob+T", marks=pytest.mark.slow),
+        pytest.param("learned", marks=pytest.mark.slow),
+    ],
+)
 def test_compiled_runtime_agrees_with_simulation(trained, name):
     net, (x, _), record = trained
     policy = _policies(record)[name]
