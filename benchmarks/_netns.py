@@ -65,6 +65,7 @@ def shaped(bandwidth_bps: float, index: int = 0) -> Iterator[tuple[str, str]]:
     rate = f"{int(bandwidth_bps)}bit"
     # a bucket of at least one MTU, and about 5 ms of traffic
     burst = str(max(1600, int(bandwidth_bps * 0.005 / 8)))  # bytes
+    tbf = ("root", "tbf", "rate", rate, "burst", burst, "latency", "1s")
     steps = [
         ("ip", "netns", "add", ns),
         ("ip", "link", "add", host, "type", "veth", "peer", "name", peer),
@@ -74,38 +75,8 @@ def shaped(bandwidth_bps: float, index: int = 0) -> Iterator[tuple[str, str]]:
         ("ip", "link", "set", host, "up"),
         ("ip", "-n", ns, "link", "set", peer, "up"),
         ("ip", "-n", ns, "link", "set", "lo", "up"),
-        (
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            host,
-            "root",
-            "tbf",
-            "rate",
-            rate,
-            "burst",
-            burst,
-            "latency",
-            "1s",
-        ),
-        (
-            "tc",
-            "-n",
-            ns,
-            "qdisc",
-            "add",
-            "dev",
-            peer,
-            "root",
-            "tbf",
-            "rate",
-            rate,
-            "burst",
-            burst,
-            "latency",
-            "1s",
-        ),
+        ("tc", "qdisc", "add", "dev", host, *tbf),  # egress only: shape both ends
+        ("tc", "-n", ns, "qdisc", "add", "dev", peer, *tbf),
     ]
     try:
         for cmd in steps:

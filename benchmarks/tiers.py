@@ -67,6 +67,7 @@ from offramp.tiers import (
     sample_latencies,
     stage_seconds,
 )
+from offramp.tiers.link import OVERHEAD_BYTES
 from offramp.tiers.messages import pack_reply, pack_request
 from offramp.training import fit
 
@@ -197,9 +198,9 @@ def measure_tier_costs(
             client.forward(h1, state)
             times.append(time.perf_counter() - t0)
         client.close()
-    up = [len(pack_request("r" * 24, 0, xv[:1], state, "fp32")) + 200.0]
+    up = [len(pack_request("r" * 24, 0, xv[:1], state, "fp32")) + OVERHEAD_BYTES]
     for k in range(1, e):
-        up.append(len(pack_request("r" * 24, k, examples[k][0], state, codec)) + 200.0)
+        up.append(len(pack_request("r" * 24, k, examples[k][0], state, codec)) + OVERHEAD_BYTES)
     logits = torch.zeros(1, 10)
     down = (
         len(
@@ -211,7 +212,7 @@ def measure_tier_costs(
                 "cloud",
             )
         )
-        + 200.0
+        + OVERHEAD_BYTES
     )
     call = median(times) - sum(srv[1:]) - ref.round_trip_s(up[1], down)
     return TierCosts(dev, srv, max(call, 0.0), up, down)
@@ -255,6 +256,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
     rows: list[dict[str, Any]] = []
     plain_module = EarlyExitRuntime(net, never).plain_backbone()
     full_record = ExitRecord.collect(net, (xt, yt))
+    sample_record = ExitRecord.collect(net, (xs, ys))  # the images timed, for the prediction
     plain_full = float(full_record.exit_accuracy()[-1])
     try:
         first = serve(export_bundle(m, m["policy"], [1], args.codec, root))
@@ -291,7 +293,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
                     bundle = load_bundle(export_bundle(m, policy, [], args.codec, root))
                     seg = bundle.segments[0]
                     dev = EmulatedDevice(
-                        lambda h, st: tuple(seg.module(h, st)),
+                        seg,
                         lambda out: fl["cum"][int(out[1][0])],
                         rate,
                     )
@@ -322,7 +324,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
                         ex = int(out[1][0])
                         return fl["cum"][ex] if ex >= 0 else fl["cum"][k - 1]
 
-                    dev = EmulatedDevice(lambda h, st: tuple(seg.module(h, st)), flops, rate)
+                    dev = EmulatedDevice(seg, flops, rate)
                     client = TierClient(
                         relay.address, token=token, stage=k, codec=codec, timeout_s=5.0
                     )
@@ -381,7 +383,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
                     }
                     if "plan" in info:
                         p = info["plan"]
-                        ex = decide_from_logits(p.policy, ExitRecord.collect(net, (xs, ys)).logits)
+                        ex = decide_from_logits(p.policy, sample_record.logits)
                         # accuracy on all 10,000 test images (simulation = runtime, tested)
                         full = decide_from_logits(p.policy, full_record.logits)
                         row["accuracy_full_test"] = full_record.accuracy(full.numpy())
@@ -463,7 +465,7 @@ def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> d
         return fl["cum"][ex] if ex >= 0 else fl["cum"][0]
 
     def client_loop(i: int) -> None:
-        dev = EmulatedDevice(lambda h, st: tuple(seg.module(h, st)), flops, rate)
+        dev = EmulatedDevice(seg, flops, rate)
         client = TierClient(
             relay.address,
             token=token,

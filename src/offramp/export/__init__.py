@@ -13,13 +13,19 @@ from offramp.export.bundle import (
     MANIFEST,
     Bundle,
     LoadedSegment,
-    SegmentOutput,
     export_segments,
     load_bundle,
     segment_examples,
 )
 from offramp.export.onnx import OrtModule, max_difference, require_onnx, to_onnx
-from offramp.export.segment import Segment, check_splits, segments
+from offramp.export.segment import (
+    Segment,
+    SegmentOutput,
+    StagedSegment,
+    check_splits,
+    segment_output,
+    segments,
+)
 
 __all__ = [
     "FORMATS",
@@ -29,12 +35,14 @@ __all__ = [
     "OrtModule",
     "Segment",
     "SegmentOutput",
+    "StagedSegment",
     "check_splits",
     "export_segments",
     "load_bundle",
     "max_difference",
     "require_onnx",
     "segment_examples",
+    "segment_output",
     "segments",
     "to_onnx",
 ]

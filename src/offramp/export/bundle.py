@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,13 @@ from torch import Tensor, nn
 from offramp.activations import Activation
 from offramp.errors import ConfigError, ConversionError, DataError
 from offramp.export.onnx import OrtModule, max_difference, to_onnx
-from offramp.export.segment import Segment, StagedSegment, segments
+from offramp.export.segment import (
+    Segment,
+    SegmentOutput,
+    StagedSegment,
+    segment_output,
+    segments,
+)
 from offramp.files import read_json, write_bytes, write_json
 from offramp.network import MultiExitNetwork, input_dtype
 from offramp.policies import ExitPolicy
@@ -56,33 +62,6 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: The manifest's file name inside a bundle.
 MANIFEST = "manifest.json"
 _VERSION = 1
-
-
-class SegmentOutput(NamedTuple):
-    """What a segment returns (:class:`~offramp.export.segment.Segment`).
-
-    Attributes:
-        logits: ``(n, C)`` logits of each row's exit; for the rows that go on, of the
-            segment's last exit (the answer a device falls back on).
-        exits: ``(n,)`` exit index of each row, ``−1`` for the rows that go on.
-        rows: ``(m,)`` positions of the rows that go on (``None`` for a final segment).
-        h: their activation at the next segment's first stage (``None`` for a final one).
-        state: their exit-test state (``None`` for a final one).
-    """
-
-    logits: Tensor
-    exits: Tensor
-    rows: Tensor | None = None
-    h: Activation | None = None
-    state: Tensor | None = None
-
-
-def _output(flat: Sequence[Tensor], final: bool) -> SegmentOutput:
-    if final:
-        return SegmentOutput(flat[0], flat[1])
-    members = tuple(flat[3:-1])
-    h = members[0] if len(members) == 1 else members
-    return SegmentOutput(flat[0], flat[1], flat[2], h, flat[-1])
 
 
 def segment_examples(
@@ -284,7 +263,7 @@ class LoadedSegment:
 
     @torch.no_grad()
     def __call__(self, h: Activation, state: Tensor) -> SegmentOutput:
-        return _output(tuple(self.module(h, state)), self.final)
+        return segment_output(self.module(h, state))
 
 
 @dataclass

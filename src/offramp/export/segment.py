@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,55 @@ from offramp.network import MultiExitNetwork
 from offramp.policies import ExitPolicy
 from offramp.runtime.core import stage_modules
 
-__all__ = ["Segment", "StagedSegment", "check_splits", "segments"]
+__all__ = [
+    "Segment",
+    "SegmentOutput",
+    "StagedSegment",
+    "check_splits",
+    "segment_output",
+    "segments",
+]
+
+
+class SegmentOutput(NamedTuple):
+    """What a segment returns (:class:`~offramp.export.segment.Segment`).
+
+    Attributes:
+        logits: ``(n, C)`` logits of each row's exit; for the rows that go on, of the
+            segment's last exit (the answer a device falls back on).
+        exits: ``(n,)`` exit index of each row, ``−1`` for the rows that go on.
+        rows: ``(m,)`` positions of the rows that go on (``None`` for a final segment).
+        h: their activation at the next segment's first stage (``None`` for a final one).
+        state: their exit-test state (``None`` for a final one).
+    """
+
+    logits: Tensor
+    exits: Tensor
+    rows: Tensor | None = None
+    h: Activation | None = None
+    state: Tensor | None = None
+
+
+def segment_output(out: Sequence[Tensor]) -> SegmentOutput:
+    """What a segment returned — the flat ``(logits, exits)`` of a final segment, the flat
+    ``(logits, exits, rows, *h, state)`` of another (ONNX and TorchScript return flat tuples),
+    or a :class:`SegmentOutput` already — as a :class:`SegmentOutput`: the one place that
+    reads a segment's outputs.
+
+    Example:
+        >>> o = segment_output((torch.zeros(2, 3), torch.tensor([0, -1]), torch.tensor([1]),
+        ...                     torch.ones(1, 4), torch.zeros(1, 0)))
+        >>> o.exits.tolist(), tuple(o.h.shape)
+        ([0, -1], (1, 4))
+    """
+    if isinstance(out, SegmentOutput):
+        return out
+    flat = tuple(out)
+    if len(flat) == 2:
+        return SegmentOutput(flat[0], flat[1])
+    members = flat[3:-1]
+    h = members[0] if len(members) == 1 else members
+    return SegmentOutput(flat[0], flat[1], flat[2], h, flat[-1])
 
 
 class Segment(nn.Module):

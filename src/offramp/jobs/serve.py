@@ -138,7 +138,7 @@ def server_for_bundle(
             max_message_bytes=max_message_bytes,
         )
     return TierServer(
-        lambda h, s: tuple(seg.module(h, s)),
+        seg,
         stages=(seg.first, seg.last),
         final=seg.final,
         h_spec=spec,

@@ -346,12 +346,13 @@ class EarlyExitRuntime:
         with _eval(self._work):
             return self._run_one(x)
 
-    def _initial(self, x: Tensor) -> Tensor:
-        return self.policy.initial_state(x.shape[0], x.device)
-
     def _run_one(self, x: Tensor) -> tuple[int, int, Tensor]:
         h: Activation = self._layout(x)
-        state = self._state1 if x.device == self._state1.device else self._initial(x)
+        state = (
+            self._state1
+            if x.device == self._state1.device
+            else self.policy.initial_state(1, x.device)
+        )
         for i, step in enumerate(self._steps):
             h, logits, leave, state = step(h, state)
             if leave[0].item():

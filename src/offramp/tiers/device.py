@@ -19,7 +19,9 @@ from torch import Tensor
 
 from offramp.activations import Activation, select_rows
 from offramp.errors import ConfigError, TierError
+from offramp.export.segment import segment_output
 from offramp.tiers.client import TierClient
+from offramp.tiers.messages import merge_reply
 
 __all__ = ["TieredResult", "TieredRuntime"]
 
@@ -62,7 +64,8 @@ class TieredRuntime:
     """The device's runtime (see the module docstring).
 
     Args:
-        segment: the device segment, ``(h, state) -> (logits, exits, rows, *h, state)`` — a
+        segment: the device segment, ``(h, state) -> (logits, exits, rows, *h, state)`` (or a
+            :class:`~offramp.export.SegmentOutput`) — a
             :class:`~offramp.export.Segment` or a bundle's first
             :class:`~offramp.export.LoadedSegment`; a final segment (``(logits, exits)``:
             the whole network) answers everything on the device.
@@ -122,7 +125,7 @@ class TieredRuntime:
             client.setdefault("codec", bundle.manifest.get("codec", "fp32"))
             tc = TierClient(target, stage=first.last, **client)
         return cls(
-            lambda h, s: tuple(first.module(h, s)),
+            first,
             tc,
             last_exit=first.last - 1,
             state_size=bundle.state_size,
@@ -148,15 +151,15 @@ class TieredRuntime:
         """Every sample of ``x`` answered: locally, by the next tier, or degraded."""
         n = x.shape[0]
         state = torch.zeros((n, self.state_size), dtype=torch.long)
-        out = tuple(self.segment(x, state))
-        logits, exits = out[0].clone(), out[1].clone()
-        rows = out[2] if len(out) > 2 else exits[:0]  # a final segment: the device alone
+        out = segment_output(self.segment(x, state))
+        logits, exits = out.logits.clone(), out.exits.clone()
+        rows = out.rows if out.rows is not None else exits[:0]  # final: the device alone
         offloaded = torch.zeros(n, dtype=torch.bool)
         degraded = torch.zeros(n, dtype=torch.bool)
         sent, error = 0, None
         if rows.numel():
             offloaded[rows] = True
-            h = out[3] if len(out) == 5 else tuple(out[3:-1])
+            assert out.h is not None and out.state is not None
             for start in range(0, rows.numel(), self.request_rows):
                 part = torch.arange(start, min(start + self.request_rows, rows.numel()))
                 where = rows[part]
@@ -164,19 +167,13 @@ class TieredRuntime:
                 if self.client is not None:
                     before = self.client.bytes_sent
                     try:
-                        reply = self.client.forward(select_rows(h, part), out[-1][part])
+                        reply = self.client.forward(select_rows(out.h, part), out.state[part])
                     except TierError as exc:
                         error = error or exc.code
                         failures = self._stats.failures
                         failures[exc.code] = failures.get(exc.code, 0) + 1
                     sent += self.client.bytes_sent - before
-                if reply is None:
-                    exits[where] = self.last_exit
-                    degraded[where] = True
-                else:
-                    logits[where] = reply.logits.to(logits.dtype)
-                    exits[where] = reply.exits
-                    degraded[where] = reply.degraded
+                merge_reply(logits, exits, degraded, where, reply, self.last_exit)
         s = self._stats
         s.requests += 1
         s.samples += n

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from offramp.activations import concat, select_rows
 from offramp.errors import ConfigError
-from offramp.export.segment import segments
+from offramp.export.segment import segment_output, segments
 from offramp.network import MultiExitNetwork
 from offramp.policies import ExitPolicy
 from offramp.tiers.codecs import CODECS, decode_activation, encode_activation
@@ -72,8 +72,9 @@ def codec_report(
         raise ConfigError(f"request_rows must be ≥ 1, got {request_rows}")
     device, server = segments(net.eval(), policy, [split])
     n = x.shape[0]
-    logits, exits, rows, *members, state = device(x, policy.initial_state(n))
-    h = members[0] if len(members) == 1 else tuple(members)
+    out = segment_output(device(x, policy.initial_state(n)))
+    logits, exits, rows, h, state = out
+    assert rows is not None and h is not None and state is not None
     m = rows.numel()
     results: dict[str, dict[str, Any]] = {}
     for codec in ("fp32", *[c for c in codecs if c != "fp32"]):

@@ -37,6 +37,7 @@ from offramp.tiers.codecs import Encoded, decode, decode_activation, encode, enc
 __all__ = [
     "Reply",
     "Request",
+    "merge_reply",
     "pack_reply",
     "pack_request",
     "pack_train_chunk",
@@ -171,6 +172,16 @@ def _from_proto(m: Any, what: str) -> Encoded:
     )
 
 
+def _put_activation(field: Any, h: Activation, codec: str) -> None:
+    field.extend(_to_proto(e) for e in encode_activation(h, codec))
+
+
+def _get_activation(field: Any, what: str) -> Activation:
+    if not field:
+        raise DataError(f"{what} carries at least one activation tensor; got none")
+    return decode_activation([_from_proto(t, f"h[{i}]") for i, t in enumerate(field)])
+
+
 def _parse(name: str, data: bytes) -> Any:
     msg = _cls(name)()
     try:
@@ -194,7 +205,7 @@ def pack_request(
         ('r1', 1, (2, 3), (2, 0))
     """
     msg = _cls("Request")(request_id=request_id, stage=stage)
-    msg.h.extend(_to_proto(e) for e in encode_activation(h, codec))
+    _put_activation(msg.h, h, codec)
     msg.state.CopyFrom(_to_proto(encode(state)))
     return msg.SerializeToString()
 
@@ -202,9 +213,7 @@ def pack_request(
 def unpack_request(data: bytes) -> Request:
     """The request in ``data``; ``DataError`` when it is not one or a tensor does not decode."""
     msg = _parse("Request", data)
-    if not msg.h:
-        raise DataError("a request carries at least one activation tensor; got none")
-    h = decode_activation([_from_proto(t, f"h[{i}]") for i, t in enumerate(msg.h)])
+    h = _get_activation(msg.h, "a request")
     state = decode(_from_proto(msg.state, "state"))
     return Request(msg.request_id, int(msg.stage), h, state)
 
@@ -239,7 +248,7 @@ def pack_train_chunk(h: Activation, y: Tensor, config: str = "", codec: str = "f
     """Training rows: ``h`` with ``codec`` (fp32 keeps training identical), labels raw, and
     the settings (JSON) in the stream's first chunk."""
     msg = _cls("TrainChunk")(config=config)
-    msg.h.extend(_to_proto(e) for e in encode_activation(h, codec))
+    _put_activation(msg.h, h, codec)
     msg.y.CopyFrom(_to_proto(encode(y)))
     return msg.SerializeToString()
 
@@ -247,9 +256,7 @@ def pack_train_chunk(h: Activation, y: Tensor, config: str = "", codec: str = "f
 def unpack_train_chunk(data: bytes) -> tuple[Activation, Tensor, str]:
     """``(h, y, config)`` of a training chunk; ``DataError`` when malformed or misaligned."""
     msg = _parse("TrainChunk", data)
-    if not msg.h:
-        raise DataError("a training chunk carries at least one activation tensor; got none")
-    h = decode_activation([_from_proto(t, f"h[{i}]") for i, t in enumerate(msg.h)])
+    h = _get_activation(msg.h, "a training chunk")
     y = decode(_from_proto(msg.y, "y"))
     members = h if isinstance(h, tuple) else (h,)
     if y.dim() != 1 or any(t.shape[0] != y.shape[0] for t in members):
@@ -265,3 +272,24 @@ def pack_train_reply(report: str) -> bytes:
 def unpack_train_reply(data: bytes) -> str:
     """The JSON report of a training reply."""
     return str(_parse("TrainReply", data).report)
+
+
+def merge_reply(
+    logits: Tensor,
+    exits: Tensor,
+    degraded: Tensor,
+    where: Tensor,
+    reply: Reply | None,
+    fallback_exit: int,
+) -> None:
+    """Write the next tier's answers for rows ``where`` into ``logits``, ``exits`` and
+    ``degraded`` (in place); without a reply, those rows keep their logits (this tier's last
+    exit), take ``fallback_exit`` and are marked degraded. The one place a tier — device or
+    server — takes in what the next one said."""
+    if reply is None:
+        exits[where] = fallback_exit
+        degraded[where] = True
+        return
+    logits[where] = reply.logits.to(logits.dtype)
+    exits[where] = reply.exits
+    degraded[where] = reply.degraded

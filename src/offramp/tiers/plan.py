@@ -31,7 +31,7 @@ from offramp.calibration import ThresholdCalibrator
 from offramp.errors import ConfigError
 from offramp.evaluation import ExitRecord
 from offramp.policies import ExitPolicy, ThresholdPolicy, decide_from_logits
-from offramp.tiers.link import OVERHEAD_BYTES, Link
+from offramp.tiers.link import Link
 
 __all__ = ["OBJECTIVES", "Plan", "TierCosts", "plan", "sample_latencies", "split_costs"]
 
@@ -192,12 +192,6 @@ def plan(
 
 def _key(p: Plan, objective: str) -> float:
     return {"mean": p.mean_s, "p95": p.p95_s, "mean+p95": p.mean_s + p.p95_s}[objective]
-
-
-def request_bytes(values_per_sample: Sequence[float], codec_bytes_per_value: float) -> list[float]:
-    """One-sample request bytes at each split: values × the codec's bytes per value, plus
-    framing (:data:`~offramp.tiers.link.OVERHEAD_BYTES`)."""
-    return [v * codec_bytes_per_value + OVERHEAD_BYTES for v in values_per_sample]
 
 
 def stage_seconds(

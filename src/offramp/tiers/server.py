@@ -41,6 +41,8 @@ from torch import Tensor
 
 from offramp.activations import Activation, concat
 from offramp.errors import ConfigError, DataError
+from offramp.export.segment import SegmentOutput, segment_output
+from offramp.tiers.messages import merge_reply, pack_reply, unpack_request
 
 __all__ = [
     "SERVICE",
@@ -280,17 +282,10 @@ class TierServer:
         assert self._queue is not None
         self._queued_rows += item.rows
         self._queue.put_nowait(item)
-        try:
-            logits, exits, degraded = await item.future
-        except asyncio.CancelledError:  # the caller went away (deadline, cancel)
-            raise
-        from offramp.tiers.messages import pack_reply
-
+        logits, exits, degraded = await item.future  # cancelled if the caller goes away
         return pack_reply(item.request_id, logits, exits, degraded, self.config.tier)
 
     def _admit(self, data: bytes, metadata: Any) -> _Item:
-        from offramp.tiers.messages import unpack_request
-
         if not check_token(metadata, self.config.token):
             raise _Refused("UNAUTHENTICATED", "missing or wrong token")
         try:
@@ -369,14 +364,15 @@ class TierServer:
             h = concat([it.h for it in items])
             state = torch.cat([it.state for it in items])
             out = await loop.run_in_executor(self._pool, self._compute, h, state)
-            logits, exits = out[0], out[1]
+            logits, exits = out.logits, out.exits
             degraded = torch.zeros_like(exits, dtype=torch.bool)
-            if not self.final:
-                rows, on_h, on_state = out[2], _activation(out[3:-1]), out[-1]
-                if rows.numel():
-                    logits, exits, degraded = await self._forward(
-                        logits, exits, degraded, rows, on_h, on_state
-                    )
+            if not self.final and out.rows is not None and out.rows.numel():
+                assert out.h is not None and out.state is not None
+                logits, exits, degraded = logits.clone(), exits.clone(), degraded.clone()
+                reply = await self.next_tier.forward(out.h, out.state)
+                if reply is None:  # the next tier did not answer
+                    self.stats["degraded_rows"] += out.rows.numel()
+                merge_reply(logits, exits, degraded, out.rows, reply, self.last - 1)
         except Exception as exc:  # a failing segment answers its requests, never the loop
             _log.exception("batch of %d requests failed", len(items))
             for it in items:
@@ -392,36 +388,9 @@ class TierServer:
             start = stop
         _log.debug("batch of %d rows in %.2f ms", start, 1e3 * (time.perf_counter() - t0))
 
-    def _compute(self, h: Activation, state: Tensor) -> tuple[Tensor, ...]:
+    def _compute(self, h: Activation, state: Tensor) -> SegmentOutput:
         with torch.no_grad():
-            return tuple(self.segment(h, state))
-
-    async def _forward(
-        self,
-        logits: Tensor,
-        exits: Tensor,
-        degraded: Tensor,
-        rows: Tensor,
-        h: Activation,
-        state: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Send the rows that go on to the next tier; on failure, answer them from this
-        segment's last exit, marked degraded."""
-        logits, exits, degraded = logits.clone(), exits.clone(), degraded.clone()
-        reply = await self.next_tier.forward(h, state)
-        if reply is None:  # the next tier did not answer
-            exits[rows] = self.last - 1
-            degraded[rows] = True
-            self.stats["degraded_rows"] += rows.numel()
-            return logits, exits, degraded
-        logits[rows] = reply.logits.to(logits.dtype)
-        exits[rows] = reply.exits
-        degraded[rows] = reply.degraded
-        return logits, exits, degraded
-
-
-def _activation(members: Sequence[Tensor]) -> Activation:
-    return members[0] if len(members) == 1 else tuple(members)
+            return segment_output(self.segment(h, state))
 
 
 class ServerThread:
