@@ -9,11 +9,7 @@ process (``offramp serve``); the link between them is a ``LinkRelay``.
 
 from __future__ import annotations
 
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,82 +19,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from offramp.tiers import TierClient, TieredRuntime
+from offramp.tiers import ServeProcess, TierClient, TieredRuntime
 
 
-class Served:
-    """An ``offramp serve`` process on 127.0.0.1 (``port`` 0: any free one)."""
-
-    def __init__(
-        self,
-        bundle: Path,
-        token: str,
-        port: int = 0,
-        *,
-        max_wait_ms: float = 1.0,
-        netns: str | None = None,
-        host: str = "127.0.0.1",
-    ):
-        self.bundle, self.token, self.host = bundle, token, host
-        env = {**os.environ, "OFFRAMP_TOKEN": token}
-        prefix = ["ip", "netns", "exec", netns] if netns else []
-        cmd = [
-            *prefix,
-            sys.executable,
-            "-m",
-            "offramp.cli",
-            "serve",
-            str(bundle),
-            "--tier",
-            "cloud",
-            "--bind",
-            f"{host}:{port}",
-            "--max-wait-ms",
-            str(max_wait_ms),
-            "--threads",
-            "1",
-        ]
-        if host != "127.0.0.1":
-            cmd.append("--allow-plaintext-remote")  # the benchmark's private veth link
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if "listening on" not in line:
-            self.proc.kill()
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise RuntimeError(f"offramp serve did not start: {line!r} {err[-2000:]}")
-        self.port = int(line.split()[2].rsplit(":", 1)[1])
-
-    @property
-    def target(self) -> str:
-        """``host:port`` to dial."""
-        return f"{self.host}:{self.port}"
-
-    def rss_mb(self) -> float | None:
-        """Resident memory of the server process, MiB (None once it has exited)."""
-        try:
-            for ln in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if ln.startswith("VmRSS:"):
-                    return int(ln.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
-
-    def kill(self) -> None:
-        """SIGKILL: the tier dies at once, as on a crash."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """SIGTERM: let requests in flight finish."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def served(
+    bundle: Path,
+    token: str,
+    port: int = 0,
+    *,
+    max_wait_ms: float = 1.0,
+    netns: str | None = None,
+    host: str = "127.0.0.1",
+) -> ServeProcess:
+    """``offramp serve`` as the cloud tier, one compute thread, at ``host:port`` (0: any free
+    port), inside network namespace ``netns`` when given."""
+    args = ["--max-wait-ms", str(max_wait_ms), "--threads", "1"]
+    if host != "127.0.0.1":
+        args.append("--allow-plaintext-remote")  # the benchmark's private veth link
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    return ServeProcess(bundle, token, bind=f"{host}:{port}", args=args, prefix=prefix)
 
 
 class EmulatedDevice:

@@ -37,10 +37,10 @@ import _netns
 from _common import cnn_fit_config, dataset_root
 from _tiers import (
     EmulatedDevice,
-    Served,
     cloud_answer,
     median,
     percentiles,
+    served,
     tiered_answer,
     time_requests,
 )
@@ -59,6 +59,7 @@ from offramp.tiers import (
     LINKS,
     Link,
     LinkRelay,
+    ServeProcess,
     TierClient,
     TierCosts,
     TieredRuntime,
@@ -172,7 +173,12 @@ def flops_tables(net: Any, x: Any) -> dict[str, Any]:
 
 
 def measure_tier_costs(
-    m: dict[str, Any], fl: dict[str, Any], rate: float, codec: str, server: Served
+    m: dict[str, Any],
+    fl: dict[str, Any],
+    rate: float,
+    codec: str,
+    server: ServeProcess,
+    token: str,
 ) -> TierCosts:
     """Device stages from FLOPs at ``rate``; server stages measured here; a request's fixed
     cost measured through a relay at 10 ms (its round trip subtracted); request bytes from the
@@ -189,7 +195,7 @@ def measure_tier_costs(
     examples = segment_examples(net, policy, xv[:1], list(range(1, e)))
     state = torch.zeros(1, policy.state_size, dtype=torch.long)
     with LinkRelay(ref, f"127.0.0.1:{server.port}") as relay:
-        client = TierClient(relay.address, token=server.token, stage=1, codec=codec)
+        client = TierClient(relay.address, token=token, stage=1, codec=codec)
         h1 = examples[1][0]
         client.forward(h1, state)
         times = []
@@ -244,13 +250,13 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
     fl = flops_tables(net, xs)
     rate = args.device_mflops * 1e6
     never = ThresholdPolicy.never(e)
-    servers: dict[tuple[Path, str | None], Served] = {}
+    servers: dict[tuple[Path, str | None], ServeProcess] = {}
     where: dict[str, Any] = {"ns": None, "host": "127.0.0.1"}  # the link's namespace, if any
 
-    def serve(bundle: Path) -> Served:
+    def serve(bundle: Path) -> ServeProcess:
         key = (bundle, where["ns"])
         if key not in servers:
-            servers[key] = Served(bundle, token, netns=where["ns"], host=where["host"])
+            servers[key] = served(bundle, token, netns=where["ns"], host=where["host"])
         return servers[key]
 
     rows: list[dict[str, Any]] = []
@@ -260,7 +266,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
     plain_full = float(full_record.exit_accuracy()[-1])
     try:
         first = serve(export_bundle(m, m["policy"], [1], args.codec, root))
-        costs = measure_tier_costs(m, fl, rate, args.codec, first)
+        costs = measure_tier_costs(m, fl, rate, args.codec, first, token)
         whole = export_bundle(m, never, [], "fp32", root)
         for index, link in enumerate(LINKS):
             stack = contextlib.ExitStack()
@@ -451,7 +457,7 @@ def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> d
     bundle_dir = export_bundle(m, policy, [1], args.codec, root)
     bundle = load_bundle(bundle_dir)
     seg = bundle.segments[0]
-    srv = Served(bundle_dir, token)
+    srv = served(bundle_dir, token)
     port = srv.port
     relay = LinkRelay(link, f"127.0.0.1:{port}")
     records: list[tuple[float, float, bool, bool, str | None]] = []
@@ -508,14 +514,14 @@ def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> d
     killed = restarted = False
     while time.monotonic() < stop_at:
         now = time.monotonic() - t_begin
-        memory.append((now, srv.rss_mb()))
+        memory.append((now, srv.rss_mib()))
         if not killed and now >= kill_at:
             srv.kill()
             killed = True
             kill_at = now
             print(f"  faults: cloud killed at {now:.1f} s", flush=True)
         if killed and not restarted and now >= restart_at:
-            srv = Served(bundle_dir, token, port)
+            srv = served(bundle_dir, token, port)
             restarted = True
             restart_at = time.monotonic() - t_begin  # serving again from here
             print(f"  faults: cloud restarted at {time.monotonic() - t_begin:.1f} s", flush=True)

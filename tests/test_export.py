@@ -297,3 +297,38 @@ def test_a_segment_that_is_not_one_onnx_graph_is_exported_stage_by_stage(tmp_pat
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_onnx_segments_of_every_family_decide_as_eager(family, tmp_path):
     _onnx_family(family, tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=needs_onnx)])
+def test_an_encoder_that_refuses_empty_batches_exports_stage_by_stage(fmt, tmp_path):
+    """Hugging Face attention reshapes with ``view(n, t, -1, d)``, which refuses zero rows, so
+    one graph would fail whenever every row leaves early: the segment goes stage by stage
+    (host compaction, stages skipped once no row is left) and decides as the runtime."""
+    transformers = pytest.importorskip("transformers", reason="needs the hf extra")
+    from offramp.models.hf import hf_encoder
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    )
+    net = hf_encoder(bert.eval(), 2, head="mean").eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 50, (16, 10), generator=g)
+    for i, n in enumerate(torch.randint(3, 11, (16,), generator=g).tolist()):
+        x[i, n:] = 0  # right-padded
+    policy = _median_policy(net, x)
+    want = EarlyExitRuntime(net, policy)(x)
+    path = export_segments(net, policy, tmp_path, x[:8], splits=[1], fmt=fmt)
+    assert {s["form"] for s in json.loads(path.read_text())["segments"]} == {"staged"}
+    bundle = load_bundle(tmp_path)
+    logits, exits = bundle.run(x)
+    assert torch.equal(exits, want.exits)
+    torch.testing.assert_close(logits, want.logits, rtol=1e-4, atol=1e-5)
+    easy = (want.exits == 0).nonzero().squeeze(1)
+    assert easy.numel() and torch.equal(bundle.run(x[easy])[1], want.exits[easy])  # none go on

@@ -29,6 +29,17 @@ def test_split_costs_by_hand():
         split_costs(c, link, 4)
     with pytest.raises(ConfigError, match="E device and server stage costs"):
         TierCosts([1.0], [1.0, 2.0], 0.0, [1.0])
+    # hedged at split 1: exit 0 on the device; later exits when both the device has given up
+    # (1 s) and the whole-network server has answered (103.25 s of wire, then its stages)
+    assert split_costs(c, link, 1, hedge=True).tolist() == [1.0, 104.75, 106.75]
+    fast = Link(64e6, 0.0)  # 808 bytes: 101 µs
+    got = split_costs(c, fast, 2, hedge=True)  # the server answers at 3.75 s, after the device
+    assert got.tolist() == pytest.approx([1.0, 3.0, 0.25 + 101e-6 + 3.5])
+    quick = TierCosts([1.0, 2.0, 4.0], [0.05, 0.1, 0.2], 0.25, [800.0, 80.0, 40.0], 8.0)
+    got = split_costs(quick, fast, 2, hedge=True)  # it answers at 0.6 s: the device's 3 s
+    assert got.tolist() == [1.0, 3.0, 3.0]
+    with pytest.raises(ConfigError, match="hedged split is 1 … 2"):
+        split_costs(c, link, 0, hedge=True)
 
 
 def _record(n=400, seed=0):
@@ -62,6 +73,22 @@ def test_the_planner_keeps_work_local_on_a_slow_link_and_offloads_on_a_fast_one(
     assert both.mean_s + both.p95_s <= min(r["mean_s"] + r["p95_s"] for r in both.table) + 1e-12
     with pytest.raises(ConfigError, match="objective is one of"):
         plan(rec, costs, Link(1e6, 0.0), objective="p99")
+
+
+def test_the_planner_hedges_where_the_device_would_delay_the_tail():
+    """Half the samples leave at exit 0 (5 ms on the device); the rest need the final exit. On
+    a fast link, racing the input to the server takes the device's 5 ms off their latency."""
+    rec = _record()
+    costs = TierCosts([0.005, 0.015, 0.027], [0.0004] * 3, 0.008, [3400.0, 1400.0, 1100.0], 400.0)
+    fast = Link(100e6, 0.005)
+    p = plan(rec, costs, fast, hedge=True, objective="mean+p95")
+    assert (p.split, p.hedge) == (1, True)
+    unhedged = next(r for r in p.table if r["split"] == 1 and not r["hedge"])
+    assert p.p95_s < unhedged["p95_s"] - 0.004  # the device's stage 0, off the tail
+    assert p.mean_s < min(r["mean_s"] for r in p.table if not r["hedge"])
+    assert not plan(rec, costs, fast).hedge  # only when asked
+    slow = plan(rec, costs, Link(1e6, 0.05), hedge=True, objective="mean+p95")
+    assert not slow.hedge and slow.split == 3  # a 100 ms round trip: stay on the device
 
 
 @pytest.fixture(scope="module")

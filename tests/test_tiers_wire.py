@@ -5,10 +5,6 @@ edge → cloud tiers; in-process servers, and real `offramp serve` processes."""
 from __future__ import annotations
 
 import datetime
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +27,7 @@ from offramp.tiers.messages import (  # noqa: E402
     unpack_reply,
     unpack_request,
 )
+from offramp.tiers.process import ServeProcess  # noqa: E402
 from offramp.tiers.server import (  # noqa: E402
     SERVICE,
     TOKEN_KEY,
@@ -55,7 +52,11 @@ def net_policy():
 
 def _server(segment, stages=(1, 3), final=True, next_tier=None, **cfg):
     config = ServerConfig(token=TOKEN, **cfg)
-    spec = H1 if stages[0] == 1 else [TensorSpec((10, 4, 4), torch.float32)]
+    spec = {
+        0: [TensorSpec((1, 8, 8), torch.float32)],  # the input
+        1: H1,
+        2: [TensorSpec((10, 4, 4), torch.float32)],
+    }[stages[0]]
     return ServerThread(
         TierServer(
             segment,
@@ -276,6 +277,43 @@ def test_a_slow_tier_degrades_then_backs_off_then_offloading_resumes(net_policy)
         srv.stop()
 
 
+def test_a_hedge_answers_the_rows_the_device_does_not_and_fails_over(net_policy):
+    """The input raced to a server running the whole network: the same answers as the
+    runtime, the device's own exits never wait for it; when the hedge is down its rows go to
+    the next tier (or degrade), and nothing is lost."""
+    net, policy, x = net_policy
+    want = EarlyExitRuntime(net, policy)(x)
+    device, cloud = segments(net, policy, [1])
+    (whole,) = segments(net, policy, [])
+    hedge_srv = _server(whole, stages=(0, 3))
+    cloud_srv = _server(cloud)
+    try:
+        hedge = _client(hedge_srv.port, stage=0, retry_after_s=0.2)
+        with pytest.raises(ConfigError, match="stage 0"):
+            TieredRuntime(device, None, last_exit=0, hedge=_client(hedge_srv.port))
+        rt = TieredRuntime(device, None, last_exit=0, hedge=hedge, request_rows=16)
+        r = rt(x)  # 64 rows: four hedged requests of 16
+        assert torch.equal(r.exits, want.exits) and not r.degraded.any()
+        torch.testing.assert_close(r.logits, want.logits)
+        assert torch.equal(r.offloaded, want.exits > 0)
+        assert rt.stats["hedged"] == int((want.exits > 0).sum()) and r.bytes_sent > 0
+        easy = (want.exits == 0).nonzero().squeeze(1)[:4]
+        assert not rt(x[easy]).offloaded.any()  # answered on the device, the hedge cancelled
+        assert hedge_srv.server.stats["requests"] >= 4
+        hedge_srv.stop()
+        both = TieredRuntime(
+            device, _client(cloud_srv.port), last_exit=0, hedge=_client(hedge_srv.port, stage=0)
+        )
+        r = both(x)  # the hedge is down: the split's tier answers, nothing degraded
+        assert r.error == "UNAVAILABLE" and not r.degraded.any()
+        assert torch.equal(r.exits, want.exits) and both.stats["hedged"] == 0
+        r = rt(x)  # no tier left: degraded, answered from the device's exit
+        assert torch.equal(r.degraded, want.exits > 0) and (r.exits[r.degraded] == 0).all()
+    finally:
+        hedge_srv.stop()
+        cloud_srv.stop()
+
+
 def test_edge_forwards_to_cloud_and_degrades_when_the_cloud_is_gone(net_policy):
     net, policy, x = net_policy
     want = EarlyExitRuntime(net, policy)(x)
@@ -367,32 +405,8 @@ def test_server_settings_that_are_unsafe_are_refused():
 # ---------------------------------------------------------------------------- real processes
 
 
-def _serve(bundle: Path, port: int = 0) -> tuple[subprocess.Popen, int]:
-    env = {**os.environ, "OFFRAMP_TOKEN": TOKEN}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "offramp.cli",
-            "serve",
-            str(bundle),
-            "--tier",
-            "cloud",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--max-wait-ms",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read()}")
-    return proc, int(line.split()[2].rsplit(":", 1)[1])
+def _serve(bundle: Path, port: int = 0) -> ServeProcess:
+    return ServeProcess(bundle, TOKEN, bind=f"127.0.0.1:{port}", args=["--max-wait-ms", "1"])
 
 
 def test_a_killed_cloud_process_degrades_nothing_is_lost_and_a_restart_resumes(
@@ -401,29 +415,35 @@ def test_a_killed_cloud_process_degrades_nothing_is_lost_and_a_restart_resumes(
     net, policy, x = net_policy
     export_segments(net, policy, tmp_path, x[:8], splits=[1], fmt="torchscript", codec="fp16")
     _logits, exits = load_bundle(tmp_path).run(x)
-    proc, port = _serve(tmp_path)
+    srv = _serve(tmp_path)
     try:
         rt = TieredRuntime.from_bundle(
-            tmp_path, f"127.0.0.1:{port}", token=TOKEN, timeout_s=2.0, retry_after_s=0.2
+            tmp_path, srv.target, token=TOKEN, timeout_s=2.0, retry_after_s=0.2
         )
         assert rt.client.codec == "fp16"  # the bundle's codec
         first = rt(x)
         assert (first.exits == exits).double().mean() >= 0.95 and not first.degraded.any()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        srv.kill()
         answered = [rt(x[i : i + 4]) for i in range(0, 64, 4)]  # the tier is gone
         assert sum(len(r.exits) for r in answered) == 64  # every sample answered
         assert all((r.degraded == r.offloaded).all() for r in answered)
-        proc, _ = _serve(tmp_path, port)  # back on the same port
+        srv.stop()
+        srv = _serve(tmp_path, srv.port)  # back on the same port
         time.sleep(0.5)
         deadline = time.monotonic() + 10
         while (r := rt(x)).degraded.any() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not r.degraded.any() and (r.exits == exits).double().mean() >= 0.95
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
+        out = srv.stop()
     assert "stopped;" in out  # a graceful stop on SIGTERM
+
+
+def test_serve_process_reports_a_server_that_does_not_start(net_policy, tmp_path):
+    net, policy, x = net_policy
+    export_segments(net, policy, tmp_path, x[:4], splits=[1], fmt="torchscript")
+    with pytest.raises(TierError, match=r"did not start(.|\n)*segment 0 runs on the device"):
+        ServeProcess(tmp_path, TOKEN, args=["--segment", "0"])
 
 
 def test_offramp_serve_refuses_unsafe_or_impossible_settings(

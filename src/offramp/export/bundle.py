@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from offramp.activations import Activation
+from offramp.activations import Activation, select_rows
 from offramp.errors import ConfigError, ConversionError, DataError
 from offramp.export.onnx import OrtModule, max_difference, to_onnx
 from offramp.export.segment import (
@@ -94,7 +94,7 @@ def _describe(x: Activation | Tensor) -> list[dict[str, Any]]:
     ]
 
 
-def _torchscript(seg: Segment, example: tuple[Any, ...]) -> bytes:
+def _torchscript(seg: nn.Module, example: tuple[Any, ...]) -> bytes:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer warns about data-dependent row counts
         traced = torch.jit.trace(seg.eval(), example, check_trace=False)
@@ -117,27 +117,49 @@ def _check(seg: Segment, runner: Any, args: tuple[Any, ...], where: str, fmt: st
     return diff
 
 
-def _onnx_staged(
-    seg: Segment, args: tuple[Any, ...], index: int
+def _takes_empty(seg: Segment, args: tuple[Any, ...]) -> bool:
+    """Whether every stage of ``seg`` runs on a batch of zero rows, as a one-graph segment
+    must: all its rows can leave before its last stage. Hugging Face attention, for one,
+    reshapes with ``view(n, t, -1, d)``, which refuses zero rows."""
+    h, state = args
+    none = torch.zeros(0, dtype=torch.long, device=state.device)
+    try:
+        with torch.no_grad():
+            h, state = select_rows(h, none), state[none]
+            for step in seg.steps:
+                h, _, _, state = step(h, state)
+            if seg.final is not None:
+                seg.final(h)
+    except Exception:  # a kernel or a reshape refusing an empty batch; any type
+        return False
+    return True
+
+
+def _staged(
+    seg: Segment, args: tuple[Any, ...], index: int, fmt: str
 ) -> tuple[list[tuple[str, bytes, str | None]], StagedSegment]:
-    """Each stage of ``seg`` as its own ONNX graph (batch dynamic), and the segment that runs
-    them with compaction on the host."""
+    """Each stage of ``seg`` as its own ONNX graph or TorchScript module (batch dynamic), and
+    the segment that runs them with compaction on the host (stages skipped once no row is
+    left)."""
     from torch.utils import _pytree as pytree
+
+    def one(module: nn.Module, example: tuple[Any, ...], name: str) -> Any:
+        if fmt == "onnx":
+            data, spec = to_onnx(module, example)
+            files.append((f"{name}.onnx", data, pytree.treespec_dumps(spec)))
+            return OrtModule(data, spec)
+        data = _torchscript(module, example)
+        files.append((f"{name}.pt", data, None))
+        return torch.jit.load(io.BytesIO(data))
 
     h, state = args
     files: list[tuple[str, bytes, str | None]] = []
-    steps: list[nn.Module] = []
+    steps: list[Any] = []
     with torch.no_grad():
         for j, step in enumerate(seg.steps):
-            data, spec = to_onnx(step, (h, state))
-            files.append((f"segment-{index}-stage-{j}.onnx", data, pytree.treespec_dumps(spec)))
-            steps.append(OrtModule(data, spec))
+            steps.append(one(step, (h, state), f"segment-{index}-stage-{j}"))
             h, _, _, state = step(h, state)
-        final = None
-        if seg.final is not None:
-            data, spec = to_onnx(seg.final, (h,))
-            files.append((f"segment-{index}-final.onnx", data, pytree.treespec_dumps(spec)))
-            final = OrtModule(data, spec)
+        final = one(seg.final, (h,), f"segment-{index}-final") if seg.final is not None else None
     return files, StagedSegment(steps, final, seg.first)
 
 
@@ -197,20 +219,27 @@ def export_segments(
         where = f"segment {i} (stages {seg.first}…{seg.last - 1})"
         files: list[tuple[str, bytes, str | None]] = []  # (name, data, output structure)
         form = "graph"
-        if fmt == "onnx":
+        runner: Any = None
+        if not _takes_empty(seg, args):
+            _log.info("%s: a stage refuses an empty batch; exporting it stage by stage", where)
+            form = "staged"
+        elif fmt == "onnx":
             try:
                 data, _ = to_onnx(seg, args)
-                diff = _check(seg, OrtModule(data), args, where, fmt)
+                runner = OrtModule(data)
+                diff = _check(seg, runner, args, where, fmt)
                 files = [(f"segment-{i}.onnx", data, None)]
             except ConversionError as exc:  # one graph with data-dependent rows: not for all
                 _log.info("%s as one ONNX graph: %s; exporting it stage by stage", where, exc)
                 form = "staged"
-                files, runner = _onnx_staged(seg, args, i)
-                diff = _check(seg, runner, args, where, fmt)
         else:
             data = _torchscript(seg, args)
             diff = _check(seg, torch.jit.load(io.BytesIO(data)), args, where, fmt)
             files = [(f"segment-{i}.pt", data, None)]
+        if form == "staged":
+            files, runner = _staged(seg, args, i, fmt)
+            eager = StagedSegment(list(seg.steps), seg.final, seg.first)  # the same skips
+            diff = _check(eager, runner, args, where, fmt)
         for name, data, _ in files:
             write_bytes(out / name, data)
         entries.append(
@@ -367,12 +396,14 @@ def load_bundle(path: str | Path, *, threads: int | None = None) -> Bundle:
     for parts, form, first, last, final in specs:
         blobs = [(name, _verified(root, name, digest), spec) for name, digest, spec in parts]
         module: Any
-        if form == "staged" and fmt == "onnx":
+        if form == "staged":
             from torch.utils import _pytree as pytree
 
             try:
                 mods = [
                     OrtModule(data, pytree.treespec_loads(spec) if spec else None, threads=threads)
+                    if fmt == "onnx"
+                    else torch.jit.load(io.BytesIO(data), map_location="cpu")
                     for _, data, spec in blobs
                 ]
             except (TypeError, ValueError, KeyError) as exc:

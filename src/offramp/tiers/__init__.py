@@ -9,6 +9,7 @@
 - :mod:`offramp.tiers.link`: link models and a relay that emulates one for real sockets.
 - :mod:`offramp.tiers.plan`: communication-aware choice of split and thresholds.
 - :mod:`offramp.tiers.training`: layer-wise training across tiers, over the wire.
+- :mod:`offramp.tiers.process`: ``offramp serve`` as a child process (tests, benchmarks).
 
 See ``docs/tiers.md``. The wire needs the ``net`` extra (grpcio, protobuf), imported when used.
 """
@@ -19,6 +20,7 @@ from offramp.tiers.device import TieredResult, TieredRuntime
 from offramp.tiers.link import LINKS, Link, LinkRelay
 from offramp.tiers.measure import codec_report
 from offramp.tiers.plan import Plan, TierCosts, plan, sample_latencies, split_costs, stage_seconds
+from offramp.tiers.process import ServeProcess
 from offramp.tiers.server import ServerConfig, ServerThread, TensorSpec, TierServer
 from offramp.tiers.training import TrainServer, send_training, stage_network, tier_outputs
 
@@ -31,6 +33,7 @@ __all__ = [
     "Link",
     "LinkRelay",
     "Plan",
+    "ServeProcess",
     "ServerConfig",
     "ServerThread",
     "TensorSpec",

@@ -25,7 +25,7 @@ from offramp.tiers.codecs import CODECS
 from offramp.tiers.messages import Reply, pack_request, unpack_reply
 from offramp.tiers.server import SERVICE, TOKEN_KEY, grpc_module
 
-__all__ = ["AsyncTierClient", "Backoff", "TierClient", "channel_options"]
+__all__ = ["AsyncTierClient", "Backoff", "Pending", "TierClient", "channel_options"]
 
 
 class Backoff:
@@ -157,22 +157,17 @@ class TierClient(_Common):
     def forward(self, h: Activation, state: Tensor) -> Reply:
         """Send the rows ``(h, state)``; their reply, or ``TierError`` (also when backing off,
         with code ``BACKING_OFF``, without a call)."""
+        return self.forward_future(h, state).result()
+
+    def forward_future(self, h: Activation, state: Tensor) -> Pending:
+        """Send the rows ``(h, state)`` without waiting: :meth:`Pending.result` gives their
+        reply (or raises ``TierError``), :meth:`Pending.cancel` drops the call. A hedge's
+        call — the device goes on computing while it travels."""
         if not self.backoff.ready():
-            raise TierError(f"{self.target} failed recently; not tried", "BACKING_OFF")
-        grpc = grpc_module()
+            return Pending(self, None, "", state.shape[0])
         rid, data = self._request(h, state)
-        try:
-            out = self._call(data, timeout=self.timeout_s, metadata=((TOKEN_KEY, self.token),))
-        except grpc.RpcError as exc:
-            self.backoff.failed()
-            raise self._error(exc) from None
-        try:
-            reply = self._reply(out, rid, state.shape[0])
-        except TierError:
-            self.backoff.failed()
-            raise
-        self.backoff.succeeded()
-        return reply
+        call = self._call.future(data, timeout=self.timeout_s, metadata=((TOKEN_KEY, self.token),))
+        return Pending(self, call, rid, state.shape[0])
 
     def close(self) -> None:
         """Close the channel."""
@@ -183,6 +178,37 @@ class TierClient(_Common):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Pending:
+    """A call of :meth:`TierClient.forward_future` on its way."""
+
+    def __init__(self, client: TierClient, call: Any, rid: str, rows: int) -> None:
+        self.client, self.call, self.rid, self.rows = client, call, rid, rows
+
+    def result(self) -> Reply:
+        """The reply (waits for it, up to the client's deadline), or ``TierError``."""
+        c = self.client
+        if self.call is None:
+            raise TierError(f"{c.target} failed recently; not tried", "BACKING_OFF")
+        grpc = grpc_module()
+        try:
+            out = self.call.result()
+        except grpc.RpcError as exc:
+            c.backoff.failed()
+            raise c._error(exc) from None
+        try:
+            reply = c._reply(out, self.rid, self.rows)
+        except TierError:
+            c.backoff.failed()
+            raise
+        c.backoff.succeeded()
+        return reply
+
+    def cancel(self) -> None:
+        """Drop the call (its answer is no longer needed); not a failure of the tier."""
+        if self.call is not None:
+            self.call.cancel()
 
 
 class AsyncTierClient(_Common):

@@ -17,6 +17,14 @@ minimise the expected latency under an accuracy target are the calibrators' own 
 (:class:`~offramp.calibration.ThresholdCalibrator`); :func:`plan` solves it for every split,
 and also evaluates each plan's p95 from the samples of the record, then picks the best by the
 chosen objective. ``k = E`` is "all on the device"; ``k = 0`` sends the input.
+
+A *hedged* split (:class:`~offramp.tiers.TieredRuntime`'s ``hedge``) sends the input to a
+server running the whole network while the device computes; a sample the device's exits do not
+answer is answered when both the device has given up and the server has answered:
+
+    T_h(e, k) = T(e, k) for e < k;  max(l + Σ_{i < k} d_i, o + link(up_0, down) + Σ_{i ≤ e} s_i)
+
+which takes the device's compute off the tail wherever the server's answer is not later.
 """
 
 from __future__ import annotations
@@ -70,29 +78,40 @@ class TierCosts:
             )
 
 
-def split_costs(costs: TierCosts, link: Link, split: int) -> np.ndarray:
-    """``T(e, split)`` for every exit ``e`` (the module docstring's formula), seconds.
+def split_costs(costs: TierCosts, link: Link, split: int, *, hedge: bool = False) -> np.ndarray:
+    """``T(e, split)`` (or, hedged, ``T_h(e, split)``) for every exit ``e`` (the module
+    docstring's formulas), seconds.
 
     Example:
         >>> c = TierCosts([1.0, 2.0], [0.5, 1.0], 0.1, [40.0, 20.0], 10.0)
         >>> split_costs(c, Link(8.0, 0.0), 1).tolist()  # bytes at 8 bit/s: 1 s per byte
         [1.0, 32.1]
+        >>> split_costs(c, Link(8e3, 0.0), 1, hedge=True).tolist()  # 1 ms per byte
+        [1.0, 1.65]
     """
     d, s = np.asarray(costs.device_s, float), np.asarray(costs.server_s, float)
     e = len(d)
     if not 0 <= split <= e:
         raise ConfigError(f"split {split} is outside 0 … {e}")
+    if hedge and not 0 < split < e:
+        raise ConfigError(f"a hedged split is 1 … {e - 1} (the device runs exits), got {split}")
     out = np.cumsum(d) + costs.local_s
-    if split < e:
+    if hedge:
+        remote = costs.call_s + link.round_trip_s(costs.up_bytes[0], costs.down_bytes)
+        given_up = d[:split].sum() + costs.local_s
+        out[split:] = np.maximum(given_up, remote + np.cumsum(s)[split:])
+    elif split < e:
         remote = costs.call_s + link.round_trip_s(costs.up_bytes[split], costs.down_bytes)
         base = d[:split].sum() + costs.local_s + remote
         out[split:] = base + np.cumsum(s[split:])
     return out
 
 
-def sample_latencies(exits: np.ndarray, costs: TierCosts, link: Link, split: int) -> np.ndarray:
+def sample_latencies(
+    exits: np.ndarray, costs: TierCosts, link: Link, split: int, *, hedge: bool = False
+) -> np.ndarray:
     """Each sample's predicted seconds, from its exit."""
-    return split_costs(costs, link, split)[np.asarray(exits)]
+    return split_costs(costs, link, split, hedge=hedge)[np.asarray(exits)]
 
 
 @dataclass
@@ -104,7 +123,8 @@ class Plan:
         policy: the exit policy.
         mean_s, p95_s: predicted mean and 95th-percentile seconds per sample (on the record).
         accuracy: accuracy on the record.
-        offload: share of samples sent to the server.
+        offload: share of samples answered by the server.
+        hedge: the input also goes to a server running the whole network (module docstring).
         table: every split considered, with the same figures.
     """
 
@@ -114,6 +134,7 @@ class Plan:
     p95_s: float
     accuracy: float
     offload: float
+    hedge: bool = False
     table: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -128,6 +149,7 @@ def plan(
     splits: Sequence[int] | None = None,
     exits: bool = True,
     confidence: float | None = None,
+    hedge: bool = False,
 ) -> Plan:
     """The split and thresholds with the lowest predicted latency at accuracy ≥ the final
     exit's − ``delta`` on ``record`` (see the module docstring).
@@ -142,6 +164,7 @@ def plan(
         splits: the splits to consider (default every one, ``0 … E``).
         exits: ``False`` plans without early exits (the best split of the plain network).
         confidence: the calibrator's one-sided confidence level, if any.
+        hedge: also consider hedged splits (``1 … E − 1``; the module docstring).
 
     Example:
         >>> import torch
@@ -155,12 +178,15 @@ def plan(
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective is one of {OBJECTIVES}, got {objective!r}")
     e = record.num_exits
-    candidates = list(range(e + 1)) if splits is None else [int(k) for k in splits]
+    ks = list(range(e + 1)) if splits is None else [int(k) for k in splits]
+    candidates = [(k, False) for k in ks]
+    if hedge and exits:
+        candidates += [(k, True) for k in ks if 0 < k < e]
     final_correct = record.correct()[-1].numpy()
     rows: list[dict[str, Any]] = []
     best: Plan | None = None
-    for k in candidates:
-        cum = split_costs(costs, link, k)
+    for k, hedged in candidates:
+        cum = split_costs(costs, link, k, hedge=hedged)
         if exits:
             policy: ExitPolicy = (
                 ThresholdCalibrator(criterion, delta=delta, confidence=confidence)
@@ -174,6 +200,7 @@ def plan(
         acc = float(record.correct().numpy()[ex, np.arange(len(ex))].mean())
         row = {
             "split": k,
+            "hedge": hedged,
             "mean_s": float(lat.mean()),
             "p95_s": float(np.quantile(lat, 0.95)),
             "accuracy": acc,
@@ -182,7 +209,7 @@ def plan(
             "thresholds": list(getattr(policy, "thresholds", ())),
         }
         rows.append(row)
-        candidate = Plan(k, policy, row["mean_s"], row["p95_s"], acc, row["offload"])
+        candidate = Plan(k, policy, row["mean_s"], row["p95_s"], acc, row["offload"], hedged)
         if best is None or _key(candidate, objective) < _key(best, objective):
             best = candidate
     assert best is not None
