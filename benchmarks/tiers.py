@@ -286,10 +286,13 @@ def measure_tier_costs(
             t0 = time.perf_counter()
             client.forward(xv[:1], state)
             times.append(time.perf_counter() - t0)
-        for _ in range(31):  # a hedge the device's exit made needless: sent, then cancelled
+        pause = dev[0]  # a hedge the device's first exit made needless: sent, then cancelled
+        for _ in range(31):
             t0 = time.perf_counter()
-            client.forward_future(xv[:1], state).cancel()
-            hedge_times.append(time.perf_counter() - t0)
+            pending = client.forward_future(xv[:1], state)
+            time.sleep(pause)  # the device computing meanwhile, as the gRPC threads send
+            pending.cancel()
+            hedge_times.append(time.perf_counter() - t0 - pause)
         client.close()
     call = median(times) - sum(srv) - ref.round_trip_s(up[0], down)
     return TierCosts(dev, srv, max(call, 0.0), up, down, hedge_s=median(hedge_times[1:]))
@@ -349,6 +352,8 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
         costs = measure_tier_costs(m, fl, rate, args.codec, serve(whole), token)
         delta = m.get("delta", args.delta)
         for index, link in enumerate(LINKS):
+            if args.links is not None and index not in args.links:
+                continue
             stack = contextlib.ExitStack()
             if args.kernel_shaping:  # bandwidth by tc tbf on a veth pair, latency by the relay
                 where["ns"], where["host"] = stack.enter_context(
@@ -377,7 +382,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
                 systems: dict[str, tuple[Any, dict[str, Any]]] = {}
 
                 def device_only(policy: Any) -> Any:
-                    bundle = load_bundle(export_bundle(m, policy, [], args.codec, root))
+                    bundle = load_bundle(export_bundle(m, policy, [], args.codec, root), threads=1)
                     seg = bundle.segments[0]
                     dev = EmulatedDevice(
                         seg,
@@ -399,7 +404,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
                 ) -> tuple[Any, LinkRelay]:
                     codec = args.codec
                     bundle_dir = export_bundle(m, policy, [k], codec, root)
-                    bundle = load_bundle(bundle_dir)
+                    bundle = load_bundle(bundle_dir, threads=1)
                     srv = serve(bundle_dir)
                     relay = LinkRelay(relay_link, srv.target)
                     relays.append(relay)
@@ -423,7 +428,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
                 ) -> tuple[Any, LinkRelay]:
                     """Stages before ``k`` on the device, the input raced to the whole network
                     (same policy) on the server."""
-                    bundle = load_bundle(export_bundle(m, policy, [k], args.codec, root))
+                    bundle = load_bundle(export_bundle(m, policy, [k], args.codec, root), threads=1)
                     srv = serve(export_bundle(m, policy, [], "fp32", root))
                     relay = LinkRelay(relay_link, srv.target)
                     relays.append(relay)
@@ -561,7 +566,7 @@ def faults_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> d
     rate = args.device_mflops * 1e6
     link = LINKS[1]
     bundle_dir = export_bundle(m, policy, [1], args.codec, root)
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, threads=1)
     seg = bundle.segments[0]
     srv = served(bundle_dir, token)
     port = srv.port
@@ -760,6 +765,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the emulated device's speed, MFLOP/s (compute-bound; default 50)",
     )
     p.add_argument("--link-samples", type=int, default=300, help="test images per system/link")
+    p.add_argument(
+        "--links",
+        type=lambda v: sorted({int(i) for i in v.split(",")}),
+        help="links to measure, by index in offramp.tiers.LINKS (default: all three)",
+    )
     p.add_argument(
         "--objective",
         default="mean+p95",

@@ -439,6 +439,20 @@ def test_a_killed_cloud_process_degrades_nothing_is_lost_and_a_restart_resumes(
     assert "stopped;" in out  # a graceful stop on SIGTERM
 
 
+def test_from_bundle_hedges_to_a_served_whole_network(net_policy, tmp_path):
+    net, policy, x = net_policy
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    export_segments(net, policy, split, x[:8], splits=[1], fmt="torchscript")
+    export_segments(net, policy, whole, x[:8], fmt="torchscript")
+    _logits, exits = load_bundle(whole).run(x)
+    with _serve(whole) as srv:
+        rt = TieredRuntime.from_bundle(split, None, hedge=srv.target, token=TOKEN)
+        assert rt.hedge is not None and rt.hedge.codec == "fp32"  # the input, as it is
+        r = rt(x)
+        assert not r.degraded.any() and torch.equal(r.exits, exits)
+        assert rt.stats["hedged"] == int((exits > 0).sum()) > 0
+
+
 def test_serve_process_reports_a_server_that_does_not_start(net_policy, tmp_path):
     net, policy, x = net_policy
     export_segments(net, policy, tmp_path, x[:4], splits=[1], fmt="torchscript")

@@ -26,10 +26,10 @@ __all__ = ["ServeProcess"]
 class ServeProcess:
     """``offramp serve BUNDLE`` as a child process, ready to dial once constructed.
 
-    The token reaches the child through its environment (``OFFRAMP_TOKEN``), never its command
-    line, where other users of the machine could read it. The server's log goes to a temporary
-    file, so a chatty server never blocks on a full pipe; its tail is in the error when the
-    server does not start.
+    The token reaches the child through a file only this user can read (``--token-file``,
+    removed once the server has read it), never its command line or environment, where other
+    processes could read it. The server's log goes to a temporary file, so a chatty server
+    never blocks on a full pipe; its tail is in the error when the server does not start.
 
     Args:
         bundle: a directory written by ``offramp export`` / :func:`offramp.export.export_segments`.
@@ -74,17 +74,17 @@ class ServeProcess:
     ) -> None:
         self.bundle = Path(bundle)
         self.host = bind.rsplit(":", 1)[0]
+        fd, token_file = tempfile.mkstemp(prefix="offramp-token-")  # mode 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
         cmd = [*prefix, sys.executable, "-m", "offramp.cli", "serve", str(bundle)]
-        cmd += ["--tier", tier, "--bind", bind, *args]
+        cmd += ["--tier", tier, "--bind", bind, "--token-file", token_file, *args]
         self._log = tempfile.TemporaryFile(mode="w+", prefix="offramp-serve-")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            env={**os.environ, "OFFRAMP_TOKEN": token},
-        )
-        line = self._first_line(start_timeout_s)
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
+            line = self._first_line(start_timeout_s)
+        finally:
+            os.unlink(token_file)  # read at start-up: no copy of the secret left behind
         if "listening on" not in line:
             self.kill()
             tail = self.log_tail()
