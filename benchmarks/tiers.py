@@ -544,7 +544,7 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
             "hedge_s": costs.hedge_s,
             "up_bytes": list(costs.up_bytes),
             "down_bytes": costs.down_bytes,
-            "device_mflops": args.device_mflops,
+            "device_mflops": rate / 1e6,
             "kernel_shaping": bool(args.kernel_shaping),
         },
     }

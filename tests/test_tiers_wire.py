@@ -305,10 +305,15 @@ def test_a_hedge_answers_the_rows_the_device_does_not_and_fails_over(net_policy)
             device, _client(cloud_srv.port), last_exit=0, hedge=_client(hedge_srv.port, stage=0)
         )
         r = both(x)  # the hedge is down: the split's tier answers, nothing degraded
-        assert r.error == "UNAVAILABLE" and not r.degraded.any()
+        assert r.error is None and not r.degraded.any()
         assert torch.equal(r.exits, want.exits) and both.stats["hedged"] == 0
+        assert both.stats["hedge_failures"] == {"UNAVAILABLE": 1} and not both.stats["failures"]
         r = rt(x)  # no tier left: degraded, answered from the device's exit
         assert torch.equal(r.degraded, want.exits > 0) and (r.exits[r.degraded] == 0).all()
+        assert r.error in ("UNAVAILABLE", "BACKING_OFF")  # the hedge's failure, unanswered
+        (whole_device,) = segments(net, policy, [])
+        with pytest.raises(ConfigError, match="ends with the final exit"):
+            TieredRuntime(whole_device, None, last_exit=2, hedge=_client(1, stage=0))
     finally:
         hedge_srv.stop()
         cloud_srv.stop()

@@ -61,7 +61,8 @@ _log = logging.getLogger("offramp.export")
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 #: The manifest's file name inside a bundle.
 MANIFEST = "manifest.json"
-_VERSION = 1
+_VERSION = 2  # 2: TorchScript segments may be staged too (version 1 still loads)
+_READS = (1, 2)
 
 
 def segment_examples(
@@ -368,7 +369,7 @@ def load_bundle(path: str | Path, *, threads: int | None = None) -> Bundle:
     if not (root / MANIFEST).is_file():
         raise DataError(f"{root} has no {MANIFEST}: is it a directory `offramp export` wrote?")
     m = read_json(root / MANIFEST)
-    if not isinstance(m, dict) or m.get("offramp_bundle") != _VERSION:
+    if not isinstance(m, dict) or m.get("offramp_bundle") not in _READS:
         raise DataError(
             f"{root / MANIFEST} is not an offramp bundle manifest of version {_VERSION}; "
             "re-export it with this version of offramp"

@@ -66,6 +66,7 @@ class _Stats:
     hedged: int = 0
     degraded: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    hedge_failures: dict[str, int] = field(default_factory=dict)
     bytes_sent: int = 0
 
 
@@ -118,6 +119,14 @@ class TieredRuntime:
                 f"a hedge serves the whole network from its input (stage 0), not stage "
                 f"{hedge.stage}: serve a bundle exported without --split"
             )
+        final = getattr(segment, "is_final", None)  # a Segment; a bundle's segment: .final
+        if final is None:
+            final = getattr(segment, "final", None) is True
+        if hedge is not None and final:
+            raise ConfigError(
+                "the device segment ends with the final exit: it answers every row itself, "
+                "so a hedge would only cost bytes and server time; export with --split"
+            )
         self.segment, self.client, self.hedge = segment, client, hedge
         self.last_exit, self.state_size = int(last_exit), int(state_size)
         self.request_rows = int(request_rows)
@@ -157,7 +166,8 @@ class TieredRuntime:
     @property
     def stats(self) -> dict[str, Any]:
         """Counts since construction: requests, samples, answered locally, offloaded (of
-        which answered by the hedge), degraded, failures by status, bytes sent."""
+        which answered by the hedge), degraded, the next tier's failures and the hedge's by
+        status, bytes sent."""
         s = self._stats
         return {
             "requests": s.requests,
@@ -167,6 +177,7 @@ class TieredRuntime:
             "hedged": s.hedged,
             "degraded": s.degraded,
             "failures": dict(s.failures),
+            "hedge_failures": dict(s.hedge_failures),
             "bytes_sent": s.bytes_sent,
         }
 
@@ -187,7 +198,7 @@ class TieredRuntime:
         rows = out.rows if out.rows is not None else exits[:0]  # final: the device alone
         offloaded = torch.zeros(n, dtype=torch.bool)
         degraded = torch.zeros(n, dtype=torch.bool)
-        error, hedged = None, 0
+        error, hedge_error, hedged = None, None, 0
         left = torch.ones(rows.numel(), dtype=torch.bool)  # rows still to answer, by position
         for part, call in pending:
             at = ((rows >= part.start) & (rows < part.stop)).nonzero().squeeze(1)
@@ -197,8 +208,8 @@ class TieredRuntime:
             try:
                 reply = _rows(call.result(), rows[at] - part.start)
             except TierError as exc:  # these rows go on as without a hedge
-                error = error or exc.code
-                self._failed(exc)
+                hedge_error = hedge_error or exc.code
+                self._failed(exc, self._stats.hedge_failures)
                 continue
             merge_reply(logits, exits, degraded, rows[at], reply, self.last_exit)
             offloaded[rows[at]] = True
@@ -218,7 +229,7 @@ class TieredRuntime:
                         reply = self.client.forward(select_rows(out.h, part), out.state[part])
                     except TierError as exc:
                         error = error or exc.code
-                        self._failed(exc)
+                        self._failed(exc, self._stats.failures)
                     sent += self.client.bytes_sent - before
                 merge_reply(logits, exits, degraded, where, reply, self.last_exit)
         s = self._stats
@@ -229,10 +240,12 @@ class TieredRuntime:
         s.local += n - int(offloaded.sum())
         s.degraded += int(degraded.sum())
         s.bytes_sent += sent
+        if error is None and degraded.any():
+            error = hedge_error  # the hedge failed and no tier made up for it
         return TieredResult(logits.argmax(1), exits, logits, offloaded, degraded, sent, error)
 
-    def _failed(self, exc: TierError) -> None:
-        failures = self._stats.failures
+    @staticmethod
+    def _failed(exc: TierError, failures: dict[str, int]) -> None:
         failures[exc.code] = failures.get(exc.code, 0) + 1
 
 

@@ -79,7 +79,7 @@ class ServeProcess:
             f.write(token)
         cmd = [*prefix, sys.executable, "-m", "offramp.cli", "serve", str(bundle)]
         cmd += ["--tier", tier, "--bind", bind, "--token-file", token_file, *args]
-        self._log = tempfile.TemporaryFile(mode="w+", prefix="offramp-serve-")
+        self._log = tempfile.TemporaryFile(mode="a+", prefix="offramp-serve-")  # O_APPEND
         try:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
             line = self._first_line(start_timeout_s)
@@ -136,10 +136,12 @@ class ServeProcess:
         return self._log.read()[-chars:]
 
     def kill(self) -> None:
-        """SIGKILL: the tier dies at once, as in a crash."""
+        """SIGKILL: the tier dies at once, as in a crash (its log stays readable)."""
         if self.alive():
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.proc.stdout.close()
 
     def stop(self, timeout_s: float = 10.0) -> str:
         """SIGTERM, letting requests in flight finish (SIGKILL after ``timeout_s``).
@@ -161,7 +163,13 @@ class ServeProcess:
     def _close(self) -> None:
         if self.proc.stdout is not None and not self.proc.stdout.closed:
             self.proc.stdout.close()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
+
+    def __del__(self) -> None:  # a killed server nobody stopped: no descriptor left open
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
 
     def __enter__(self) -> ServeProcess:
         return self
