@@ -319,6 +319,54 @@ def test_a_hedge_answers_the_rows_the_device_does_not_and_fails_over(net_policy)
         cloud_srv.stop()
 
 
+class _SlowStage(torch.nn.Module):
+    """A stage that takes ``seconds`` and lets every row go on; counts its calls."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, h, state):
+        self.calls += 1
+        time.sleep(self.seconds)
+        return h, torch.zeros(h.shape[0], 10), torch.zeros(h.shape[0], dtype=torch.bool), state
+
+
+class _Final(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, h):
+        self.calls += 1
+        return torch.ones(h.shape[0], 10)
+
+
+def test_a_server_stops_computing_for_a_caller_that_has_gone():
+    """A cancelled request (a hedge the device no longer needs) is dropped at the next stage
+    boundary of a staged segment, instead of running to its end."""
+    from offramp.export import StagedSegment
+
+    stages = [_SlowStage(0.3) for _ in range(3)]
+    final = _Final()
+    srv = _server(StagedSegment(stages, final, 1), stages=(1, 5))
+    try:
+        h, state = torch.rand(2, 5, 5, 5), torch.zeros(2, 0, dtype=torch.long)
+        client = _client(srv.port, timeout_s=5)
+        assert client.forward(h, state).exits.tolist() == [4, 4]  # awaited: every stage
+        assert [s.calls for s in stages] == [1, 1, 1] and final.calls == 1
+        pending = client.forward_future(h, state)
+        time.sleep(0.15)  # during the first stage
+        pending.cancel()
+        deadline = time.monotonic() + 5
+        while srv.server.stats["batches"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [s.calls for s in stages] == [2, 1, 1] and final.calls == 1
+        assert srv.server.stats["abandoned_rows"] == 2
+    finally:
+        srv.stop()
+
+
 def test_edge_forwards_to_cloud_and_degrades_when_the_cloud_is_gone(net_policy):
     net, policy, x = net_policy
     want = EarlyExitRuntime(net, policy)(x)

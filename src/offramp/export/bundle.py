@@ -20,7 +20,7 @@ import hashlib
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,8 +291,17 @@ class LoadedSegment:
     def __init__(self, module: Any, first: int, last: int, final: bool) -> None:
         self.module, self.first, self.last, self.final = module, first, last, final
 
+    @property
+    def stops_early(self) -> bool:
+        """Stage by stage on the host: it can drop rows nobody awaits (``wanted=``)."""
+        return bool(getattr(self.module, "stops_early", False))
+
     @torch.no_grad()
-    def __call__(self, h: Activation, state: Tensor) -> SegmentOutput:
+    def __call__(
+        self, h: Activation, state: Tensor, wanted: Callable[[], Tensor] | None = None
+    ) -> SegmentOutput:
+        if wanted is not None and self.stops_early:
+            return segment_output(self.module(h, state, wanted=wanted))
         return segment_output(self.module(h, state))
 
 

@@ -20,7 +20,7 @@ result).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -141,14 +141,26 @@ class StagedSegment(Segment):
     between them on the host: the same outputs as :class:`Segment`, for networks whose stages
     export one by one but not as one graph with data-dependent row counts. Stages are not
     called once no row is left (some kernels refuse empty batches); the activation returned
-    with zero rows then has the shape of the stage the rows stopped at."""
+    with zero rows then has the shape of the stage the rows stopped at.
 
-    def forward(self, h: Activation, state: Tensor) -> tuple[Tensor, ...]:
+    ``wanted``, when given, is asked before every stage which input rows are still awaited
+    (a bool ``(n,)``); rows nobody awaits any more — a cancelled request — are dropped there
+    (their outputs: exit −1, the logits they had), so a server stops computing for a caller
+    that has gone."""
+
+    #: A server may pass ``wanted=`` (see the class docstring).
+    stops_early = True
+
+    def forward(
+        self, h: Activation, state: Tensor, wanted: Callable[[], Tensor] | None = None
+    ) -> tuple[Tensor, ...]:
         n = state.shape[0]
         rows = torch.arange(n, device=state.device)
         exits = torch.full_like(rows, -1)
         out: Tensor | None = None
         for i, step in enumerate(self.steps):
+            if wanted is not None:
+                rows, h, state = _still_wanted(wanted, rows, h, state)
             if rows.numel() == 0:
                 break
             h, logits, leave, state = step(h, state)
@@ -159,17 +171,32 @@ class StagedSegment(Segment):
             exits[rows[gone]] = self.first + i
             stay = (~leave).nonzero().squeeze(1)
             rows, h, state = rows[stay], select_rows(h, stay), state[stay]
+        if out is None and wanted is not None and self.final is None:
+            out = torch.zeros((n, 0))  # every caller gone before the first stage ran
         if self.final is None:
             assert out is not None
             return out, exits, rows, *_members(h), state
+        if wanted is not None and rows.numel():
+            rows, h, state = _still_wanted(wanted, rows, h, state)
         if rows.numel():
             logits = self.final(h)
             if out is None:
                 out = logits.new_zeros((n, logits.shape[1]))
             out[rows] = logits
             exits[rows] = self.last - 1
+        if out is None and wanted is not None:
+            out = torch.zeros((n, 0))  # every caller gone before any stage ran
         assert out is not None
         return out, exits
+
+
+def _still_wanted(
+    wanted: Callable[[], Tensor], rows: Tensor, h: Activation, state: Tensor
+) -> tuple[Tensor, Activation, Tensor]:
+    keep = wanted()[rows].nonzero().squeeze(1)
+    if keep.numel() == rows.numel():
+        return rows, h, state
+    return rows[keep], select_rows(h, keep), state[keep]
 
 
 def _members(h: Activation) -> tuple[Tensor, ...]:

@@ -28,7 +28,8 @@ answer is answered when both the device has given up and the server has answered
 with ``h`` the device's own cost of sending (or cancelling) the hedge: it takes the device's
 compute off the tail wherever the server's answer is not later, for ``h`` on every sample. The
 model takes the server as idle when a hedge arrives; a server busy finishing hedges nobody
-waits for any more (it cannot stop a batch it started) answers later than ``T_h`` says.
+waits for any more (a one-graph segment runs to its end; a staged one stops at its next stage)
+answers later than ``T_h`` says.
 """
 
 from __future__ import annotations

@@ -235,7 +235,14 @@ class TierServer:
         self.state_spec = TensorSpec((int(state_size),), torch.long)
         self.config, self.next_tier = config, next_tier
         self.port: int | None = None
-        self.stats = {"requests": 0, "rows": 0, "batches": 0, "refused": 0, "degraded_rows": 0}
+        self.stats = {
+            "requests": 0,
+            "rows": 0,
+            "batches": 0,
+            "refused": 0,
+            "degraded_rows": 0,
+            "abandoned_rows": 0,
+        }
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offramp-tier")
         self._queue: asyncio.Queue[_Item] | None = None
         self._queued_rows = 0
@@ -363,7 +370,7 @@ class TierServer:
         try:
             h = concat([it.h for it in items])
             state = torch.cat([it.state for it in items])
-            out = await loop.run_in_executor(self._pool, self._compute, h, state)
+            out = await loop.run_in_executor(self._pool, self._compute, h, state, items)
             logits, exits = out.logits, out.exits
             degraded = torch.zeros_like(exits, dtype=torch.bool)
             if not self.final and out.rows is not None and out.rows.numel():
@@ -380,6 +387,7 @@ class TierServer:
                     it.future.set_exception(exc)
             return
         self.stats["batches"] += 1
+        self.stats["abandoned_rows"] += sum(it.rows for it in items if it.future.cancelled())
         start = 0
         for it in items:
             stop = start + it.rows
@@ -388,9 +396,17 @@ class TierServer:
             start = stop
         _log.debug("batch of %d rows in %.2f ms", start, 1e3 * (time.perf_counter() - t0))
 
-    def _compute(self, h: Activation, state: Tensor) -> SegmentOutput:
+    def _compute(self, h: Activation, state: Tensor, items: list[_Item]) -> SegmentOutput:
         with torch.no_grad():
-            return segment_output(self.segment(h, state))
+            if not getattr(self.segment, "stops_early", False):
+                return segment_output(self.segment(h, state))
+            sizes = torch.tensor([it.rows for it in items])
+
+            def wanted() -> Tensor:  # the rows whose caller still waits (a hedge may not)
+                waiting = torch.tensor([not it.future.done() for it in items])
+                return waiting.repeat_interleave(sizes)
+
+            return segment_output(self.segment(h, state, wanted=wanted))
 
 
 class ServerThread:
