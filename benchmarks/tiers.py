@@ -105,18 +105,33 @@ def trained(name: str, args: argparse.Namespace) -> dict[str, Any] | None:
     net = blenet(28, 10, exits_after=exits_after, head=heads, seed=args.seed)
     t0 = time.perf_counter()
     fit(net, (x[:-val], y[:-val]), cnn_fit_config(args, checkpoint))
-    net.eval()
-    record = ExitRecord.collect(net, (x[-val:], y[-val:]))
-    cum = cumulative_costs(net, xt[:256], "flops")
+    return calibrated(name, net.eval(), (x[-val:], y[-val:]), (xt, yt), xt[:256], t0)
+
+
+def calibrated(
+    name: str,
+    net: Any,
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    flops_input: torch.Tensor,
+    t0: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What the sections take of a trained network: its validation record, the entropy policy
+    calibrated on it (accuracy ≥ the final exit's, costs in FLOPs of ``flops_input``), the
+    splits, the seconds since ``t0``, and ``extra``."""
+    record = ExitRecord.collect(net, val)
+    cum = cumulative_costs(net, flops_input, "flops")
     chosen = next(c for c in calibrate_policies(record, cum, delta=0.0) if c.name == "entropy")
     return {
         "name": name,
         "net": net,
         "policy": chosen.policy,
-        "test": (xt, yt),
-        "val": (x[-val:], y[-val:]),
+        "test": test,
+        "val": val,
         "record": record,
         "train_seconds": time.perf_counter() - t0,
+        **extra,
     }
 
 
@@ -145,23 +160,18 @@ def trained_minilm(args: argparse.Namespace) -> dict[str, Any] | None:
         return torch.nn.functional.pad(ids, (0, TEXT_TOKENS - ids.shape[1]), value=pad)
 
     (xv, yv), (xt, yt) = got["val"], got["test"]
-    xv, xt = fixed(xv), fixed(xt)
     full = torch.full((1, TEXT_TOKENS), pad + 1000)  # no padding: what the segments compute
-    record = ExitRecord.collect(net, (xv, yv))
-    cum = cumulative_costs(net, full, "flops")
-    chosen = next(c for c in calibrate_policies(record, cum, delta=0.0) if c.name == "entropy")
-    return {
-        "name": MINILM,
-        "net": net,
-        "policy": chosen.policy,
-        "test": (xt, yt),
-        "val": (xv, yv),
-        "record": record,
-        "train_seconds": time.perf_counter() - t0,
-        "device_mflops": 1e3 * args.text_device_gflops,
-        "full_input": full,
-        "delta": args.text_delta,
-    }
+    return calibrated(
+        MINILM,
+        net,
+        (fixed(xv), yv),
+        (fixed(xt), yt),
+        full,
+        t0,
+        device_mflops=1e3 * args.text_device_gflops,
+        full_input=full,
+        delta=args.text_delta,
+    )
 
 
 def codecs_section(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -395,20 +405,21 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
 
                 relays: list[LinkRelay] = []
 
-                def split_system(
-                    policy: Any,
-                    k: int,
-                    exits: bool,
-                    relay_link: Link = relay_link,
-                    relays: list = relays,
-                ) -> tuple[Any, LinkRelay]:
-                    codec = args.codec
-                    bundle_dir = export_bundle(m, policy, [k], codec, root)
-                    bundle = load_bundle(bundle_dir, threads=1)
-                    srv = serve(bundle_dir)
-                    relay = LinkRelay(relay_link, srv.target)
+                def linked(
+                    bundle_dir: Path, relay_link: Link = relay_link, relays: list = relays
+                ) -> LinkRelay:
+                    """``bundle_dir`` served, behind a relay emulating the link."""
+                    relay = LinkRelay(relay_link, serve(bundle_dir).target)
                     relays.append(relay)
-                    seg = bundle.segments[0]
+                    return relay
+
+                def split_system(
+                    policy: Any, k: int, exits: bool, hedged: bool = False
+                ) -> tuple[Any, LinkRelay]:
+                    """Stages before ``k`` on the device; the rest on the server (hedged: the
+                    input raced to the whole network, same policy, on the server instead)."""
+                    codec = args.codec
+                    bundle = load_bundle(export_bundle(m, policy, [k], codec, root), threads=1)
 
                     def flops(out: Any) -> float:
                         if not exits:
@@ -416,40 +427,24 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
                         ex = int(out[1][0])
                         return fl["cum"][ex] if ex >= 0 else fl["cum"][k - 1]
 
-                    dev = EmulatedDevice(seg, flops, rate)
-                    client = TierClient(
-                        relay.address, token=token, stage=k, codec=codec, timeout_s=5.0
-                    )
-                    rt = TieredRuntime(dev, client, last_exit=k - 1, state_size=bundle.state_size)
-                    return tiered_answer(rt), relay
-
-                def hedged_system(
-                    policy: Any, k: int, relay_link: Link = relay_link, relays: list = relays
-                ) -> tuple[Any, LinkRelay]:
-                    """Stages before ``k`` on the device, the input raced to the whole network
-                    (same policy) on the server."""
-                    bundle = load_bundle(export_bundle(m, policy, [k], args.codec, root), threads=1)
-                    srv = serve(export_bundle(m, policy, [], "fp32", root))
-                    relay = LinkRelay(relay_link, srv.target)
-                    relays.append(relay)
-
-                    def flops(out: Any) -> float:
-                        ex = int(out[1][0])
-                        return fl["cum"][ex] if ex >= 0 else fl["cum"][k - 1]
-
                     dev = EmulatedDevice(bundle.segments[0], flops, rate)
-                    hedge = TierClient(relay.address, token=token, stage=0, timeout_s=5.0)
+                    if hedged:
+                        relay = linked(export_bundle(m, policy, [], "fp32", root))
+                        hedge = TierClient(relay.address, token=token, stage=0, timeout_s=5.0)
+                        client = None
+                    else:
+                        relay = linked(export_bundle(m, policy, [k], codec, root))
+                        client = TierClient(
+                            relay.address, token=token, stage=k, codec=codec, timeout_s=5.0
+                        )
+                        hedge = None
                     rt = TieredRuntime(
-                        dev, None, last_exit=k - 1, state_size=bundle.state_size, hedge=hedge
+                        dev, client, last_exit=k - 1, state_size=bundle.state_size, hedge=hedge
                     )
                     return tiered_answer(rt), relay
 
-                def cloud_system(
-                    bundle_dir: Path, relay_link: Link = relay_link, relays: list = relays
-                ) -> tuple[Any, LinkRelay]:
-                    srv = serve(bundle_dir)
-                    relay = LinkRelay(relay_link, srv.target)
-                    relays.append(relay)
+                def cloud_system(bundle_dir: Path) -> tuple[Any, LinkRelay]:
+                    relay = linked(bundle_dir)
                     client = TierClient(relay.address, token=token, stage=0, timeout_s=5.0)
                     return cloud_answer(client), relay
 
@@ -459,10 +454,8 @@ def links_section(m: dict[str, Any], args: argparse.Namespace, root: Path) -> di
                     ours, relay = device_only(planned.policy), None
                 elif k == 0:
                     ours, relay = cloud_system(export_bundle(m, planned.policy, [], "fp32", root))
-                elif planned.hedge:
-                    ours, relay = hedged_system(planned.policy, k)
                 else:
-                    ours, relay = split_system(planned.policy, k, True)
+                    ours, relay = split_system(planned.policy, k, True, planned.hedge)
                 systems["tiered (exits + split)"] = (
                     ours,
                     {"split": k, "relay": relay, "plan": planned},

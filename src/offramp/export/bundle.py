@@ -292,6 +292,11 @@ class LoadedSegment:
         self.module, self.first, self.last, self.final = module, first, last, final
 
     @property
+    def is_final(self) -> bool:
+        """It ends with the final exit (as :attr:`Segment.is_final`)."""
+        return self.final
+
+    @property
     def stops_early(self) -> bool:
         """Stage by stage on the host: it can drop rows nobody awaits (``wanted=``)."""
         return bool(getattr(self.module, "stops_early", False))
@@ -402,29 +407,23 @@ def load_bundle(path: str | Path, *, threads: int | None = None) -> Bundle:
         int(m["state_size"])
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(f"{root / MANIFEST} is malformed ({exc!r}); re-export the bundle") from exc
+    from torch.utils import _pytree as pytree
+
+    def load(data: bytes, spec: str | None) -> Any:
+        if fmt != "onnx":
+            return torch.jit.load(io.BytesIO(data), map_location="cpu")
+        try:
+            out_spec = pytree.treespec_loads(spec) if spec else None
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DataError(f"{root / MANIFEST}: a stage's output structure is malformed") from exc
+        return OrtModule(data, out_spec, threads=threads)
+
     loaded = []
     for parts, form, first, last, final in specs:
-        blobs = [(name, _verified(root, name, digest), spec) for name, digest, spec in parts]
-        module: Any
+        mods = [load(_verified(root, name, digest), spec) for name, digest, spec in parts]
+        module: Any = mods[0]
         if form == "staged":
-            from torch.utils import _pytree as pytree
-
-            try:
-                mods = [
-                    OrtModule(data, pytree.treespec_loads(spec) if spec else None, threads=threads)
-                    if fmt == "onnx"
-                    else torch.jit.load(io.BytesIO(data), map_location="cpu")
-                    for _, data, spec in blobs
-                ]
-            except (TypeError, ValueError, KeyError) as exc:
-                raise DataError(
-                    f"{root / MANIFEST}: a stage's output structure is malformed"
-                ) from exc
             steps = mods[: last - first - (1 if final else 0)]
             module = StagedSegment(steps, mods[-1] if final else None, first)
-        elif fmt == "onnx":
-            module = OrtModule(blobs[0][1], threads=threads)
-        else:
-            module = torch.jit.load(io.BytesIO(blobs[0][1]), map_location="cpu")
         loaded.append(LoadedSegment(module, first, last, final))
     return Bundle(m, loaded)

@@ -25,7 +25,14 @@ from offramp.tiers.codecs import CODECS
 from offramp.tiers.messages import Reply, pack_request, unpack_reply
 from offramp.tiers.server import SERVICE, TOKEN_KEY, grpc_module
 
-__all__ = ["AsyncTierClient", "Backoff", "Pending", "TierClient", "channel_options"]
+__all__ = [
+    "AsyncTierClient",
+    "Backoff",
+    "BaseTierClient",
+    "Pending",
+    "TierClient",
+    "channel_options",
+]
 
 
 class Backoff:
@@ -75,18 +82,17 @@ def channel_options(max_message_bytes: int, server_name: str | None) -> list[tup
     return opts
 
 
-class _Common:
+class BaseTierClient:
+    """What every client of a tier shares, whatever carries its bytes: the codec, the deadline,
+    the back-off, request ids, bytes counted, and the checks on a reply."""
+
     def __init__(
         self,
         target: str,
         *,
-        token: str,
         stage: int,
         codec: str = "fp32",
         timeout_s: float = 1.0,
-        tls_root_cert: bytes | None = None,
-        server_name: str | None = None,
-        max_message_bytes: int = 4 << 20,
         retry_after_s: float = 1.0,
         max_retry_after_s: float = 30.0,
     ) -> None:
@@ -94,12 +100,8 @@ class _Common:
             raise ConfigError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
-        if not token:
-            raise ConfigError("a tier client needs the servers' shared-secret token")
-        self.target, self.token, self.stage, self.codec = target, token, int(stage), codec
+        self.target, self.stage, self.codec = target, int(stage), codec
         self.timeout_s = float(timeout_s)
-        self.tls_root_cert, self.server_name = tls_root_cert, server_name
-        self.max_message_bytes = int(max_message_bytes)
         self.backoff = Backoff(retry_after_s, max_retry_after_s)
         self.bytes_sent = 0
         self._ids = itertools.count()
@@ -119,6 +121,25 @@ class _Common:
         if reply.request_id != rid or reply.exits.shape[0] != rows:
             raise TierError(f"{self.target} answered another request", "DATA_LOSS")
         return reply
+
+
+class _Common(BaseTierClient):
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str,
+        tls_root_cert: bytes | None = None,
+        server_name: str | None = None,
+        max_message_bytes: int = 4 << 20,
+        **requests: Any,
+    ) -> None:
+        if not token:
+            raise ConfigError("a tier client needs the servers' shared-secret token")
+        super().__init__(target, **requests)
+        self.token = token
+        self.tls_root_cert, self.server_name = tls_root_cert, server_name
+        self.max_message_bytes = int(max_message_bytes)
 
     def _error(self, exc: Any) -> TierError:
         code = exc.code().name if hasattr(exc, "code") and exc.code() else "UNKNOWN"

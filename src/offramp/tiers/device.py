@@ -119,10 +119,7 @@ class TieredRuntime:
                 f"a hedge serves the whole network from its input (stage 0), not stage "
                 f"{hedge.stage}: serve a bundle exported without --split"
             )
-        final = getattr(segment, "is_final", None)  # a Segment; a bundle's segment: .final
-        if final is None:
-            final = getattr(segment, "final", None) is True
-        if hedge is not None and final:
+        if hedge is not None and getattr(segment, "is_final", False):
             raise ConfigError(
                 "the device segment ends with the final exit: it answers every row itself, "
                 "so a hedge would only cost bytes and server time; export with --split"

@@ -18,7 +18,6 @@ Example (needs a Ray instance)::
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from torch import Tensor
 
 from offramp.activations import Activation, concat
 from offramp.errors import ConfigError, DataError, TierError
-from offramp.tiers.client import Backoff
-from offramp.tiers.codecs import CODECS
+from offramp.tiers.client import BaseTierClient
 
 __all__ = ["RayTierClient", "cloud_deployment", "require_ray"]
 
@@ -129,45 +127,33 @@ def cloud_deployment(
     return OfframpTier.bind()
 
 
-class RayTierClient:
+class RayTierClient(BaseTierClient):
     """The device's client of a Ray Serve tier (a ``DeploymentHandle``); the same contract as
     :class:`~offramp.tiers.client.TierClient`: ``forward(h, state)`` returns the reply or
-    raises :class:`~offramp.errors.TierError`, with a back-off after failures."""
+    raises :class:`~offramp.errors.TierError`, with a back-off after failures. Keyword
+    arguments: ``stage``, ``codec``, ``timeout_s``, ``retry_after_s``, ``max_retry_after_s``."""
 
-    def __init__(
-        self,
-        handle: Any,
-        *,
-        stage: int,
-        codec: str = "fp32",
-        timeout_s: float = 1.0,
-        retry_after_s: float = 1.0,
-        max_retry_after_s: float = 30.0,
-    ) -> None:
-        if codec not in CODECS:
-            raise ConfigError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
-        self.handle, self.stage, self.codec, self.timeout_s = handle, int(stage), codec, timeout_s
-        self.backoff = Backoff(retry_after_s, max_retry_after_s)
-        self.bytes_sent = 0
-        self._ids = itertools.count()
+    def __init__(self, handle: Any, **requests: Any) -> None:
+        super().__init__("the Ray tier", **requests)
+        self.handle = handle
 
     def forward(self, h: Activation, state: Tensor) -> Any:
-        from offramp.tiers.messages import pack_request, unpack_reply
-
         if not self.backoff.ready():
             raise TierError("the Ray tier failed recently; not tried", "BACKING_OFF")
-        rid = f"ray-{next(self._ids)}"
-        data = pack_request(rid, self.stage, h, state, self.codec)
-        self.bytes_sent += len(data)
+        rid, data = self._request(h, state)
         try:
             out = self.handle.remote(data).result(timeout_s=self.timeout_s)
             if not out:
                 raise DataError("the tier refused the request as malformed")
-            reply = unpack_reply(out)
         except Exception as exc:  # Ray's timeout and actor errors have many types
             self.backoff.failed()
             code = "DEADLINE_EXCEEDED" if "imeout" in type(exc).__name__ else "UNAVAILABLE"
             raise TierError(f"Ray tier: {type(exc).__name__}: {exc}"[:300], code) from None
+        try:
+            reply = self._reply(out, rid, state.shape[0])
+        except TierError:
+            self.backoff.failed()
+            raise
         self.backoff.succeeded()
         return reply
 
